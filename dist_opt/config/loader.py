@@ -1,0 +1,135 @@
+"""YAML file + dotted ``key=value`` overrides -> validated :class:`Config`.
+
+Every problem becomes one line naming the dotted key (or the file and line for YAML
+syntax errors); callers turn a :class:`ConfigError` into exit code 2 without writing anything.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from dist_opt.config.schema import Config
+
+SECRET_WORDS = ("key", "token", "password", "secret", "passwd", "credential")
+
+
+class ConfigError(Exception):
+    """A bad config; ``problems`` holds one readable line per problem."""
+
+    exit_code = 2
+
+    def __init__(self, problems: Sequence[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__("\n".join(f"config error: {where}{p}" for p in self.problems))
+
+
+def _parse_value(text: str) -> Any:
+    """An override's value is YAML (``1e-3``, ``[1, 2]``, ``true``, ``null``); bare words stay strings."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(tree: dict, overrides: Sequence[str]) -> dict:
+    tree = copy.deepcopy(tree)
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override {item!r}: expected dotted.key=value")
+            continue
+        key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not all(parts):
+            problems.append(f"override {item!r}: empty key segment")
+            continue
+        node = tree
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                problems.append(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {key}")
+                break
+            node = nxt
+        else:
+            node[parts[-1]] = _parse_value(raw)
+    if problems:
+        raise ConfigError(problems)
+    return tree
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(["file not found (expected a YAML config file)"], source=str(path))
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError([f"YAML syntax error at {line}{problem}"], source=str(path)) from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError([f"cannot read: {e}"], source=str(path)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"top level must be a mapping of sections, got {type(data).__name__}"], source=str(path))
+    return data
+
+
+def _describe(err: dict) -> str:
+    loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int) or True)
+    msg = err["msg"]
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in err and kind not in ("missing",) and not isinstance(err["input"], dict):
+        msg = f"{msg} (got {err['input']!r})"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def validate(tree: dict, source: str | None = None) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError([_describe(err) for err in e.errors(include_url=False)], source=source) from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
+    tree = read_yaml(path) if path is not None else {}
+    tree = apply_overrides(tree, overrides)
+    return validate(tree, source=str(path) if path is not None else None)
+
+
+def redact(obj: Any) -> Any:
+    """Copy of a config tree with values of secret-looking keys replaced."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if isinstance(k, str) and any(w in k.lower() for w in SECRET_WORDS) and isinstance(v, str | int):
+                out[k] = "<redacted>"
+            else:
+                out[k] = redact(v)
+        return out
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def to_dict(cfg: Config) -> dict:
+    return redact(cfg.model_dump(mode="json", by_alias=True))
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

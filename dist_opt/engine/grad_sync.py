@@ -1,0 +1,170 @@
+"""Gradient synchronisation overlapped with backward: bucketed all-reduce or reduce-scatter.
+
+Per-parameter post-accumulate-grad hooks count what is ready; buckets are launched strictly in
+layout order (a bucket only after all earlier ones), so every rank issues the same collectives
+in the same order even when backward visits parameters in a different order. Averaging is
+sum-then-divide, once, by (world x micro-steps) (SPEC §1; never gloo's AVG).
+
+stage 0/1: ``p.grad`` are views into one flat, padded, param-major buffer; autograd accumulates
+           in place across micro-steps; on the sync micro-step each full bucket is all-reduced.
+stage 2:   on every micro-step each param's fresh gradient is packed rank-major into its bucket's
+           staging buffer and released (``p.grad = None``); a full bucket is reduce-scattered into
+           a temporary shard which is added to the rank's grad shard. No full gradient is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from dist_opt.dist.collectives import Comm
+from dist_opt.engine.partition import Layout, Slot
+
+
+def pack_rank_major(dst: Tensor, world: int, lo: int, slot: Slot, flat: Tensor) -> None:
+    """Write a parameter's flat values into columns [lo, lo+chunk) of a [world, S] matrix view."""
+    c, n = slot.chunk, slot.numel
+    full_rows, rem = divmod(n, c)
+    if full_rows:
+        dst[:full_rows, lo:lo + c].copy_(flat[: full_rows * c].view(full_rows, c))
+    if rem:
+        dst[full_rows, lo:lo + rem].copy_(flat[full_rows * c:])
+    # padding stays as initialised (zeros)
+
+
+class GradSync:
+    def __init__(self, params: Sequence[nn.Parameter], layout: Layout, comm: Comm, stage: int,
+                 full_grad: Tensor | None, shard_grad: Tensor | None, track_local_norm: bool = False):
+        self.params, self.layout, self.comm, self.stage = list(params), layout, comm, stage
+        self.full_grad, self.shard_grad = full_grad, shard_grad
+        self.world = comm.world if stage > 0 else 1
+        self.sync_enabled = True
+        self.track_local_norm = track_local_norm
+        self.local_sumsq = torch.zeros((), dtype=torch.float64)
+        self.micro_steps = 0
+        self._bucket_of = {}
+        for b_i, b in enumerate(layout.buckets):
+            for s in b.slots:
+                self._bucket_of[s] = b_i
+        self._pending_count = [0] * len(layout.buckets)
+        self._ready = [False] * len(layout.buckets)
+        self._next = 0
+        self._staging: dict[int, Tensor] = {}
+        self._works: list[tuple[object, int, Tensor | None]] = []
+        self._seen_backward = False
+        self._handles = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self.params)]
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _make_hook(self, slot_index: int):
+        def hook(p: Tensor) -> None:
+            self._on_grad(slot_index, p)
+        return hook
+
+    def _on_grad(self, i: int, p: Tensor) -> None:
+        if not self._seen_backward:
+            # first gradient of a new backward pass: count it, and have autograd call us when
+            # the pass ends so buckets of unused parameters are launched too (as DDP/FSDP do)
+            self._seen_backward = True
+            self.micro_steps += 1
+            torch.autograd.Variable._execution_engine.queue_callback(self.flush)
+        slot = self.layout.slots[i]
+        b_i = self._bucket_of[i]
+        if self.stage == 2:
+            self._pack(b_i, slot, p.grad.detach().reshape(-1))
+            p.grad = None
+        else:
+            view = self.full_grad[slot.full_offset: slot.full_offset + slot.numel].view(slot.shape)
+            if p.grad.data_ptr() != view.data_ptr():
+                # the user replaced .grad (e.g. zero_grad(set_to_none=True)): fold it back in
+                view.add_(p.grad) if self.micro_steps > 1 else view.copy_(p.grad)
+                p.grad = view
+            if not self.sync_enabled:
+                return
+        self._pending_count[b_i] += 1
+        if self._pending_count[b_i] == len(self.layout.buckets[b_i].slots):
+            self._ready[b_i] = True
+            self._launch_ready()
+
+    def _pack(self, b_i: int, slot: Slot, flat: Tensor) -> None:
+        b = self.layout.buckets[b_i]
+        st = self._staging.get(b_i)
+        if st is None:
+            st = self._staging[b_i] = torch.zeros(self.world, b.shard_numel, dtype=flat.dtype, device=flat.device)
+        pack_rank_major(st, self.world, slot.shard_offset - b.shard_start, slot, flat)
+
+    def _launch_ready(self) -> None:
+        while self._next < len(self._ready) and self._ready[self._next]:
+            self._launch(self._next)
+            self._next += 1
+        if self._next == len(self._ready):
+            self._end_of_backward()
+
+    def _launch(self, b_i: int) -> None:
+        b = self.layout.buckets[b_i]
+        if self.stage == 2:
+            st = self._staging.pop(b_i, None)
+            if st is None:  # no parameter of this bucket got a gradient in this pass
+                st = torch.zeros(self.world, b.shard_numel, dtype=self.shard_grad.dtype,
+                                 device=self.shard_grad.device)
+            if self.track_local_norm:
+                self.local_sumsq += st.double().square().sum()
+            out = torch.empty(b.shard_numel, dtype=st.dtype, device=st.device)
+            work = self.comm.reduce_scatter(out, st.view(-1), async_op=True)
+            self._works.append((work, b_i, out))
+        else:
+            buf = self.full_grad[b.full_start:b.full_end]
+            if self.track_local_norm:
+                self.local_sumsq += buf.double().square().sum()
+            work = self.comm.all_reduce(buf, async_op=True)
+            self._works.append((work, b_i, None))
+
+    def _end_of_backward(self) -> None:
+        self._pending_count = [0] * len(self._ready)
+        self._ready = [False] * len(self._ready)
+        self._next = 0
+        self._seen_backward = False
+
+    # -- called by the engine ----------------------------------------------------------------
+    def flush(self) -> None:
+        """End a backward whose hooks did not all fire (unused parameters): launch the rest."""
+        if not self._seen_backward:
+            return
+        if self.stage < 2 and not self.sync_enabled:
+            self._end_of_backward()
+            return
+        for b_i in range(len(self._ready)):
+            if not self._ready[b_i]:
+                self._ready[b_i] = True
+        self._launch_ready()
+
+    def finish(self) -> int:
+        """Wait for all communication; leave the averaged gradient in place. Returns micro-steps."""
+        for work, b_i, out in self._works:
+            if work is not None:
+                work.wait()
+            if out is not None:
+                b = self.layout.buckets[b_i]
+                self.shard_grad[b.shard_start:b.shard_end].add_(out)
+        self._works.clear()
+        steps = max(self.micro_steps, 1)
+        divisor = float(self.comm.world * steps)
+        if self.stage == 2:
+            self.shard_grad.div_(divisor)
+        else:
+            self.full_grad.div_(divisor)
+        return steps
+
+    def reset(self) -> None:
+        """After the optimizer step: zero gradients and counters."""
+        self.micro_steps = 0
+        self.local_sumsq = torch.zeros((), dtype=torch.float64)
+        if self.stage == 2:
+            self.shard_grad.zero_()
+        else:
+            self.full_grad.zero_()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()

@@ -1,0 +1,69 @@
+"""The contract between the sharded engine and an update rule.
+
+A rule sees, per parameter group, lists of this rank's 1-D shard pieces (params, reduced and
+averaged grads, state) and never calls a collective itself: per-layer norms come from
+``StepContext.layer_sumsq``, which the engine implements as one all-reduce of a small
+[k, n_layers] matrix of partial sums of squares (a no-op when state is not sharded). With a
+local context the same rule runs on whole tensors in one process, which is how it is tested.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class GroupShard:
+    """This rank's pieces of one parameter group."""
+
+    hp: dict[str, Any]  # the live param_group dict: lr, weight_decay, trust, ...
+    layers: list[int]  # layer (slot) index of each piece
+    params: list[Tensor]
+    grads: list[Tensor]
+    state: dict[str, list[Tensor]] = field(default_factory=dict)
+
+
+@dataclass
+class StepContext:
+    step: int  # 1-based index of the optimizer step being taken
+    n_layers: int
+    layer_sumsq: Callable[[Tensor], Tensor]  # [k, n_layers] partial sums -> full sums (one collective)
+    layer_names: Sequence[str] = ()
+    stats: dict[str, Any] = field(default_factory=dict)  # rules may leave health metrics here
+
+
+def local_context(step: int, n_layers: int, names: Sequence[str] = ()) -> StepContext:
+    return StepContext(step=step, n_layers=n_layers, layer_sumsq=lambda t: t, layer_names=names)
+
+
+class Rule(ABC):
+    """An optimizer update rule over shard pieces."""
+
+    #: state tensors per piece, created zero-filled with the piece's shape
+    state_names: tuple[str, ...] = ()
+    #: excluded layers (biases, norms) get trust ratio 1 and no weight decay by default
+    uses_trust_ratio: bool = False
+    #: weight decay is decoupled (AdamW-style) rather than L2 added to the gradient
+    decoupled_weight_decay: bool = False
+
+    def init_state(self, pieces: Sequence[Tensor]) -> dict[str, list[Tensor]]:
+        return {n: [torch.zeros_like(p) for p in pieces] for n in self.state_names}
+
+    @abstractmethod
+    def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
+        """Update ``params`` of every group in place."""
+
+
+def sumsq_into(out: Tensor, row: int, layers: Sequence[int], tensors: Sequence[Tensor]) -> None:
+    """out[row, layer] += ||t||² for each piece (norms via one foreach kernel)."""
+    if not tensors:
+        return
+    norms = torch._foreach_norm(list(tensors))
+    sq = torch.stack(norms).to(out.dtype).square()
+    out[row].index_add_(0, torch.as_tensor(list(layers), dtype=torch.long), sq)

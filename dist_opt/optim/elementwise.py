@@ -1,0 +1,152 @@
+"""Elementwise optimizers on shard pieces, computed by torch.optim's own kernels.
+
+For elementwise rules a shard piece is just a smaller tensor, so torch.optim's functional
+kernels (foreach, or fused where torch has a CPU/GPU fused kernel) give torch.optim's exact
+semantics (first-step momentum clone, Adagrad lr decay, RMSProp centered/momentum, AMSGrad)
+at torch's speed. The text's errata (Adam defaults, bias correction) are handled in the
+defaults, see ``dist_opt.optim.registry``. Adam without bias correction, which torch lacks,
+is written out here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.optim.adagrad as _adagrad
+import torch.optim.adam as _adam
+import torch.optim.rmsprop as _rmsprop
+import torch.optim.sgd as _sgd
+from torch import Tensor
+
+from dist_opt.optim.base import GroupShard, Rule, StepContext
+
+
+def _steps(pieces: Sequence[Tensor]) -> list[Tensor]:
+    return [torch.zeros((), dtype=torch.float32, device=p.device) for p in pieces]
+
+
+def _fused_ok(pieces: Sequence[Tensor]) -> bool:
+    return all(p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) for p in pieces)
+
+
+class SGD(Rule):
+    """SGD, heavy-ball momentum (PyTorch form b = μb + (1-τ)g) and Nesterov; L2 weight decay."""
+
+    def __init__(self, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False):
+        self.momentum, self.dampening, self.nesterov = momentum, dampening, nesterov
+        self.state_names = ("momentum_buffer",) if momentum else ()
+
+    def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
+        for g in groups:
+            bufs: list[Tensor | None] | None = None
+            if self.momentum:
+                # torch's first step clones the gradient into the buffer (no dampening on step 1);
+                # ctx.step counts applied steps, so this also holds after a resume or a skipped step
+                first = ctx.step == 1 and self.dampening != 0
+                bufs = [None] * len(g.params) if first else list(g.state["momentum_buffer"])
+            _sgd.sgd(
+                g.params, g.grads, bufs if bufs is not None else [None] * len(g.params),
+                foreach=True, weight_decay=g.hp["weight_decay"], momentum=self.momentum,
+                lr=g.hp["lr"], dampening=self.dampening, nesterov=self.nesterov, maximize=False,
+            )
+            if self.momentum:
+                for dst, src in zip(g.state["momentum_buffer"], bufs, strict=True):
+                    if src is not dst:
+                        dst.copy_(src)
+
+
+class Adagrad(Rule):
+    state_names = ("sum",)
+
+    def __init__(self, eps: float = 1e-10, lr_decay: float = 0.0, initial_accumulator_value: float = 0.0):
+        self.eps, self.lr_decay, self.init_acc = eps, lr_decay, initial_accumulator_value
+
+    def init_state(self, pieces: Sequence[Tensor]) -> dict[str, list[Tensor]]:
+        return {"sum": [torch.full_like(p, self.init_acc) for p in pieces], "step": _steps(pieces)}
+
+    def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
+        for g in groups:
+            _adagrad.adagrad(
+                g.params, g.grads, g.state["sum"], g.state["step"], foreach=True,
+                lr=g.hp["lr"], weight_decay=g.hp["weight_decay"], lr_decay=self.lr_decay,
+                eps=self.eps, maximize=False,
+            )
+
+
+class RMSProp(Rule):
+    def __init__(self, alpha: float = 0.99, eps: float = 1e-8, momentum: float = 0.0, centered: bool = False):
+        self.alpha, self.eps, self.momentum, self.centered = alpha, eps, momentum, centered
+        names = ["square_avg"] + (["grad_avg"] if centered else []) + (["momentum_buffer"] if momentum else [])
+        self.state_names = tuple(names)
+
+    def init_state(self, pieces: Sequence[Tensor]) -> dict[str, list[Tensor]]:
+        st = super().init_state(pieces)
+        st["step"] = _steps(pieces)
+        return st
+
+    def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
+        for g in groups:
+            _rmsprop.rmsprop(
+                g.params, g.grads, g.state["square_avg"], g.state.get("grad_avg", []),
+                g.state.get("momentum_buffer", []), g.state["step"], foreach=True,
+                lr=g.hp["lr"], alpha=self.alpha, eps=self.eps, weight_decay=g.hp["weight_decay"],
+                momentum=self.momentum, centered=self.centered,
+            )
+
+
+class Adam(Rule):
+    """Adam (L2 decay) or AdamW (decoupled decay), Kingma & Ba with bias correction."""
+
+    def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, decoupled: bool = False,
+                 amsgrad: bool = False, bias_correction: bool = True, fused: bool | None = None):
+        self.betas, self.eps, self.amsgrad, self.bias_correction = betas, eps, amsgrad, bias_correction
+        self.decoupled_weight_decay = decoupled
+        self.fused = fused
+        self.state_names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+
+    def init_state(self, pieces: Sequence[Tensor]) -> dict[str, list[Tensor]]:
+        st = super().init_state(pieces)
+        st["step"] = _steps(pieces)
+        return st
+
+    def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
+        for g in groups:
+            if not self.bias_correction:
+                self._step_uncorrected(g)
+                continue
+            fused = self.fused if self.fused is not None else _fused_ok(g.params)
+            _adam.adam(
+                g.params, g.grads, g.state["exp_avg"], g.state["exp_avg_sq"],
+                g.state.get("max_exp_avg_sq", []), g.state["step"],
+                foreach=None if fused else True, fused=fused or None,
+                decoupled_weight_decay=self.decoupled_weight_decay, amsgrad=self.amsgrad,
+                beta1=self.betas[0], beta2=self.betas[1], lr=g.hp["lr"],
+                weight_decay=g.hp["weight_decay"], eps=self.eps, maximize=False,
+            )
+
+    def _step_uncorrected(self, g: GroupShard) -> None:
+        b1, b2 = self.betas
+        lr, wd = g.hp["lr"], g.hp["weight_decay"]
+        grads = g.grads
+        torch._foreach_add_(g.state["step"], 1)
+        if wd and self.decoupled_weight_decay:
+            torch._foreach_mul_(g.params, 1 - lr * wd)
+        elif wd:
+            grads = torch._foreach_add(grads, g.params, alpha=wd)
+        torch._foreach_lerp_(g.state["exp_avg"], grads, 1 - b1)
+        torch._foreach_mul_(g.state["exp_avg_sq"], b2)
+        torch._foreach_addcmul_(g.state["exp_avg_sq"], grads, grads, 1 - b2)
+        v = g.state["exp_avg_sq"]
+        if self.amsgrad:
+            torch._foreach_maximum_(g.state["max_exp_avg_sq"], v)
+            v = g.state["max_exp_avg_sq"]
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(g.params, g.state["exp_avg"], denom, -lr)
+
+
+def bias_corrections(betas: tuple[float, float], t: int) -> tuple[float, float]:
+    """(1 - β1^t, sqrt(1 - β2^t))."""
+    return 1 - betas[0] ** t, math.sqrt(1 - betas[1] ** t)
