@@ -86,6 +86,8 @@ class TrainConfig(Section):
     """Epochs to run (needs a finite dataset)."""
     eval_every: NonNegInt = 0
     """Evaluate every k optimizer steps (0: only at the end)."""
+    eval_max_samples: PosInt | None = 4096
+    """Evaluate on at most this many held-out samples (the first ones; None: all)."""
     log_every: PosInt = 1
     """Write a metrics.jsonl line every k steps."""
     progress: bool = True

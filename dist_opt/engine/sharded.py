@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -59,6 +60,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise ValueError("ShardedOptimizer got no parameters that require grad")
         self.rule: Rule = name if isinstance(name, Rule) else build_rule(name, **hyper)
         self.name = name if isinstance(name, str) else type(name).__name__.lower()
+        if self.rule.replicated_pieces:
+            zero_stage = 0  # the rule shards its own work across ranks
         self.zero_stage = zero_stage
         self.max_grad_norm = max_grad_norm
         self.comm = Comm(process_group)
@@ -156,16 +159,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        t0 = time.perf_counter()
         micro_steps = self.sync.finish()
-        stats: dict[str, Any] = {}
+        t1 = time.perf_counter()
+        stats: dict[str, Any] = {"time/grad_comm_wait_ms": 1e3 * (t1 - t0)}
         # grad norm (and non-finite check) of the reduced gradient over all shards: one small all-reduce
         n = len(self.layout.slots)
         vec = torch.zeros(n + 1, dtype=torch.float64)
         vec[:n] = torch.stack(torch._foreach_norm(self.grad_pieces)).double().square()
         if self.sync.track_local_norm:
             vec[n] = self.sync.local_sumsq
-        if self.layout.world > 1 or self.sync.track_local_norm:
+        if self.layout.world > 1:  # partial sums over shards (+ the local-norm entry)
             self.comm.all_reduce(vec)
+        elif self.sync.track_local_norm:  # replicated grads: only the local-norm entry needs summing
+            self.comm.all_reduce(vec[n:])
         grad_sq = float(vec[:n].sum())
         grad_norm = math.sqrt(grad_sq) if math.isfinite(grad_sq) else float("nan")
         stats["grad_norm"] = grad_norm
@@ -190,10 +197,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 torch._foreach_mul_(self.grad_pieces, coef)
                 stats["clip_coef"] = coef
         ctx = StepContext(step=self.applied_steps + 1, n_layers=n, layer_sumsq=self._layer_sumsq,
-                          layer_names=[s.name for s in self.layout.slots], stats=stats)
+                          layer_names=[s.name for s in self.layout.slots], stats=stats, comm=self.comm)
+        t2 = time.perf_counter()
         self.rule.step(self._group_shards(), ctx)
         self.applied_steps += 1
+        t3 = time.perf_counter()
         self._all_gather_params()
+        stats["time/optimizer_ms"] = 1e3 * (t3 - t2)
+        stats["time/param_all_gather_ms"] = 1e3 * (time.perf_counter() - t3)
         stats["skipped"] = 0
         self.last_stats = stats
         return True if loss is None else loss
@@ -210,6 +221,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 hp=g, layers=idx, params=[self.param_pieces[i] for i in idx],
                 grads=[self.grad_pieces[i] for i in idx],
                 state={k: [v[i] for i in idx] for k, v in self.shard_state.items()},
+                shapes=[self.layout.slots[i].shape for i in idx],
             ))
         return out
 
@@ -248,6 +260,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         return {
             "state": state, "offsets": offsets, "numel": {s.name: s.numel for s in self.layout.slots},
             "applied_steps": self.applied_steps, "skipped_steps": self.skipped_steps,
+            "rule_state": self.rule.rule_state_dict(),
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
         }
 
@@ -295,6 +308,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                      f"{offsets.get(s.name, 0)}, need [{lo}, {lo + valid}) of {s.numel}")
                 dst[:valid].copy_(src.reshape(-1)[lo:lo + valid])
                 dst[valid:].zero_()
+        self.rule.load_rule_state_dict(state_dict.get("rule_state", {}))
         self.applied_steps = int(state_dict.get("applied_steps", 0))
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         for g, saved in zip(self.param_groups, state_dict.get("param_groups", []), strict=False):

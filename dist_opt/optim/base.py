@@ -27,6 +27,7 @@ class GroupShard:
     params: list[Tensor]
     grads: list[Tensor]
     state: dict[str, list[Tensor]] = field(default_factory=dict)
+    shapes: list[tuple[int, ...]] = field(default_factory=list)  # full shape of each piece's layer
 
 
 @dataclass
@@ -36,6 +37,7 @@ class StepContext:
     layer_sumsq: Callable[[Tensor], Tensor]  # [k, n_layers] partial sums -> full sums (one collective)
     layer_names: Sequence[str] = ()
     stats: dict[str, Any] = field(default_factory=dict)  # rules may leave health metrics here
+    comm: Any = None  # dist_opt.dist.collectives.Comm, only for rules with ``replicated_pieces``
 
 
 def local_context(step: int, n_layers: int, names: Sequence[str] = ()) -> StepContext:
@@ -51,6 +53,10 @@ class Rule(ABC):
     uses_trust_ratio: bool = False
     #: weight decay is decoupled (AdamW-style) rather than L2 added to the gradient
     decoupled_weight_decay: bool = False
+    #: the rule distributes its own work (e.g. Shampoo blocks owned by ranks): the engine hands it
+    #: whole tensors (all-reduced gradients, replicated parameters, any zero_stage) and ``ctx.comm``,
+    #: and the rule must leave every rank with identical parameters
+    replicated_pieces: bool = False
 
     def init_state(self, pieces: Sequence[Tensor]) -> dict[str, list[Tensor]]:
         return {n: [torch.zeros_like(p) for p in pieces] for n in self.state_names}
@@ -58,6 +64,14 @@ class Rule(ABC):
     @abstractmethod
     def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
         """Update ``params`` of every group in place."""
+
+    def rule_state_dict(self) -> dict[str, Any]:
+        """State the rule keeps outside the per-piece buffers (e.g. Shampoo blocks this rank owns),
+        keyed by world-size-independent names so a checkpoint can be resharded."""
+        return {}
+
+    def load_rule_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of ``rule_state_dict`` (entries for blocks this rank does not own are ignored)."""
 
 
 def sumsq_into(out: Tensor, row: int, layers: Sequence[int], tensors: Sequence[Tensor]) -> None:

@@ -1,0 +1,437 @@
+"""Distributed Shampoo as an engine rule: blocks owned by ranks, grafting, one all-gather per step.
+
+Update of one block with gradient G at step t (SPEC §5; β1, β2 = ``betas``):
+
+    m = β1·m + (1-β1)·G;  M = m/(1-β1^t)            first moment on G ("filtered gradient")
+        nesterov: M = β1·m/(1-β1^(t+1)) + (1-β1)·G/(1-β1^t)   (NAdam with a constant β1)
+    H_i = β2·H_i + (1-β2)·G_(i)·G_(i)ᵀ              one statistic per block dim (β2 = 1: H_i += ...)
+    D_graft = M / (√A + ε_g)                        graft state A from G² (adam: bias-corrected
+                                                    EMA, rmsprop: EMA, adagrad: sum; sgd/none: D_graft = M)
+    t >= start:  D = ‖D_graft‖/‖D_sh‖ · D_sh,  D_sh = M ×_1 R_1 … ×_k R_k,  R_i = (H_i + εI)^(-1/(2k))
+                 (2-D: D_sh = L^{-1/4}·M·R^{-1/4}; grafting "none": D = D_sh)
+    t <  start:  D = D_graft
+    p = p·(1 - lr·wd) - lr·D                        decoupled weight decay, lr and wd read each step
+
+Roots are recomputed on steps start, start + f, start + 2f, ... (f = ``precondition_frequency``)
+and are the identity until the first refresh; a failed root keeps the previous one (see
+``matrix_root``). 1-D parameters are diagonal blocks: graft method only (SGD direction M for
+grafting "none"). With the graft step alone (t < start) the rule is exactly the graft optimizer:
+Adam/AdamW, NAdam (nesterov), Adagrad, RMSProp or SGD.
+
+Distribution: the engine hands whole tensors with all-reduced gradients (``replicated_pieces``).
+Every block (diagonal ones included) is owned by one rank chosen by the cost model in
+``assignment``; only the owner holds its statistics, roots, first moment and graft state and
+computes its new values, which it packs into a send buffer (padded to the largest rank's size).
+One ``all_gather`` per step gives every rank every block's new value, which all ranks copy into
+the parameters — so parameters stay bit-identical across ranks. Root refreshes happen on the
+owners, so their cost is spread like the rest. On refresh steps one more small all-reduce
+collects the health statistics ``shampoo/root_failures`` (cumulative) and
+``shampoo/max_condition`` (largest condition estimate of any preconditioner statistic).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dist_opt.optim.base import GroupShard, Rule, StepContext
+from dist_opt.optim.shampoo.assignment import assign, block_cost
+from dist_opt.optim.shampoo.blocking import Block, LayerBlocking, block_layer, block_view
+from dist_opt.optim.shampoo.matrix_root import inverse_root
+
+GRAFTS = ("adam", "adagrad", "rmsprop", "sgd", "none")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def factor_names(order: int) -> tuple[str, ...]:
+    """State names of a block's statistics: L (order 1), L/R (order 2), H0..H{k-1} (order k >= 3)."""
+    if order == 1:
+        return ("L",)
+    if order == 2:
+        return ("L", "R")
+    return tuple(f"H{i}" for i in range(order))
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """One block of the global plan (every rank knows every block)."""
+
+    key: str  # "{layer name}/{block index}", independent of the world size
+    slot: int  # layer (slot) index
+    group: int  # position of the layer in the step's groups
+    piece: int
+    layer: LayerBlocking
+    block: Block
+    owner: int
+    offset: int  # into the owner's send buffer
+
+    @property
+    def diagonal(self) -> bool:
+        return self.layer.diagonal
+
+
+@dataclass
+class BlockState:
+    """What the owner of a block keeps."""
+
+    factors: list[Tensor]  # H_i, preconditioner dtype
+    roots: list[Tensor | None]  # (H_i + εI)^(-e); None = identity (never refreshed)
+    momentum: Tensor | None  # first moment m (param dtype), if β1 > 0
+    graft: Tensor | None  # graft second moment A (param dtype), adam/rmsprop/adagrad
+    root_failures: int = 0
+    condition: list[float] = field(default_factory=list)  # latest estimate per factor (1.0 = identity)
+
+    def tensors(self) -> list[Tensor]:
+        out = list(self.factors) + [r for r in self.roots if r is not None]
+        return out + [t for t in (self.momentum, self.graft) if t is not None]
+
+
+class Shampoo(Rule):
+    """Blocked Shampoo with grafting; blocks owned by ranks (see the module docstring)."""
+
+    replicated_pieces = True
+    decoupled_weight_decay = True
+
+    def __init__(self, betas: tuple[float, float] = (0.9, 1.0), eps: float = 1e-12, max_preconditioner_dim: int = 1024,
+                 precondition_frequency: int = 20, start_preconditioning_step: int = 1,
+                 exponent_override: float | None = None, grafting: str = "adam", grafting_beta2: float = 0.999,
+                 grafting_eps: float = 1e-8, preconditioner_dtype: str = "float32", nesterov: bool = False,
+                 bias_correction: bool = True):
+        b1, b2 = (float(b) for b in betas)
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 <= 1.0):
+            raise ValueError(f"optimizer.betas: need 0 <= beta1 < 1 and 0 <= beta2 <= 1, got {tuple(betas)}")
+        if not eps >= 0:
+            raise ValueError(f"optimizer.eps: must be >= 0, got {eps}")
+        if max_preconditioner_dim < 1:
+            raise ValueError(f"optimizer.max_preconditioner_dim: must be >= 1, got {max_preconditioner_dim}")
+        if precondition_frequency < 1:
+            raise ValueError(f"optimizer.precondition_frequency: must be >= 1, got {precondition_frequency}")
+        if start_preconditioning_step < 1:
+            raise ValueError(f"optimizer.start_preconditioning_step: must be >= 1, got {start_preconditioning_step}")
+        if exponent_override is not None and not 0 < exponent_override <= 1:
+            raise ValueError(f"optimizer.exponent_override: the exponent e of H^(-e), in (0, 1] (e.g. 0.25; for a "
+                             f"p-th root use 1/p), got {exponent_override}")
+        if grafting not in GRAFTS:
+            raise ValueError(f"optimizer.grafting: expected one of {', '.join(GRAFTS)}, got {grafting!r}")
+        if not 0.0 <= grafting_beta2 <= 1.0:
+            raise ValueError(f"optimizer.grafting_beta2: must be in [0, 1], got {grafting_beta2}")
+        if preconditioner_dtype not in DTYPES:
+            raise ValueError(f"optimizer.preconditioner_dtype: expected float32 or float64, got {preconditioner_dtype!r}")
+        self.betas = (b1, b2)
+        self.eps = float(eps)
+        self.max_dim = int(max_preconditioner_dim)
+        self.frequency = int(precondition_frequency)
+        self.start = int(start_preconditioning_step)
+        self.exponent_override = exponent_override
+        self.grafting = grafting
+        self.graft_beta2 = float(grafting_beta2)
+        self.graft_eps = float(grafting_eps)
+        self.pdtype = DTYPES[preconditioner_dtype]
+        self.nesterov = bool(nesterov)
+        self.bias_correction = bool(bias_correction)
+        self.plan: list[BlockInfo] | None = None
+        self.world, self.rank = 1, 0
+        self.owned: list[BlockInfo] = []
+        self.state: dict[str, BlockState] = {}
+        self._signature: tuple | None = None
+        self._send: Tensor | None = None
+        self._recv: Tensor | None = None
+        self._pending: dict[str, Any] = {}
+        self._stats_dirty = True
+        self.global_root_failures = 0
+        self.global_max_condition = 1.0
+
+    # -- plan -------------------------------------------------------------------------------------
+    def exponent(self, order: int) -> float:
+        """e in H_i^(-e) for a block of this order: 1/(2k) unless overridden."""
+        return float(self.exponent_override) if self.exponent_override is not None else 1.0 / (2 * order)
+
+    def refresh_due(self, step: int) -> bool:
+        return step >= self.start and (step - self.start) % self.frequency == 0
+
+    def _build(self, groups: Sequence[GroupShard], ctx: StepContext, comm: Any) -> None:
+        self.world = comm.world if comm is not None else 1
+        self.rank = comm.rank if comm is not None else 0
+        pieces = []
+        for gi, g in enumerate(groups):
+            for pi, (slot, shape) in enumerate(zip(g.layers, g.shapes, strict=True)):
+                numel = math.prod(shape)
+                if g.params[pi].numel() != numel or g.grads[pi].numel() != numel:
+                    raise RuntimeError("Shampoo needs whole tensors: the engine must hand it replicated pieces "
+                                       f"(layer {slot}: piece of {g.params[pi].numel()} elements, shape {shape})")
+                pieces.append((slot, gi, pi, tuple(shape)))
+        pieces.sort()
+        blocks: list[tuple[str, int, int, int, LayerBlocking, Block]] = []
+        for slot, gi, pi, shape in pieces:
+            name = ctx.layer_names[slot] if slot < len(ctx.layer_names) else f"param{slot}"
+            layer = block_layer(shape, self.max_dim)
+            blocks += [(f"{name}/{b.index}", slot, gi, pi, layer, b) for b in layer.blocks]
+        costs = [block_cost(b.shape, layer.diagonal, self.frequency) for *_, layer, b in blocks]
+        owners = assign(costs, self.world)
+        fill = [0] * self.world
+        plan = []
+        for (key, slot, gi, pi, layer, b), r in zip(blocks, owners, strict=True):
+            plan.append(BlockInfo(key, slot, gi, pi, layer, b, r, fill[r]))
+            fill[r] += b.numel
+        self.plan = plan
+        self.owned = [b for b in plan if b.owner == self.rank]
+        self._signature = tuple((slot, shape) for slot, _, _, shape in pieces)
+        ref = groups[0].params[0]
+        self.state = {b.key: self._fresh_state(b, ref) for b in self.owned}
+        width = max(fill)
+        self._send = torch.zeros(width, dtype=ref.dtype, device=ref.device)
+        self._recv = torch.zeros(width * self.world, dtype=ref.dtype, device=ref.device) if self.world > 1 else None
+        self._apply_pending()
+
+    def _fresh_state(self, b: BlockInfo, ref: Tensor) -> BlockState:
+        shape = b.block.shape
+        factors = [] if b.diagonal else [torch.zeros(d, d, dtype=self.pdtype, device=ref.device) for d in shape]
+        momentum = torch.zeros(shape, dtype=ref.dtype, device=ref.device) if self.betas[0] > 0 else None
+        graft = (torch.zeros(shape, dtype=ref.dtype, device=ref.device)
+                 if self.grafting in ("adam", "rmsprop", "adagrad") else None)
+        return BlockState(factors, [None] * len(factors), momentum, graft, 0, [1.0] * len(factors))
+
+    # -- step -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
+        comm = ctx.comm if ctx.comm is not None and ctx.comm.world > 1 else None
+        if self.plan is None:
+            self._build(groups, ctx, comm)
+        else:
+            sig = tuple(sorted((slot, tuple(shape)) for g in groups for slot, shape in zip(g.layers, g.shapes,
+                                                                                            strict=True)))
+            if sig != self._signature:
+                raise RuntimeError("Shampoo: the parameter layout changed after the first step")
+        t = ctx.step
+        refresh = self.refresh_due(t)
+        for b in self.owned:
+            g = groups[b.group]
+            self._update_block(b, self.state[b.key], g.params[b.piece], g.grads[b.piece], t, refresh,
+                               float(g.hp["lr"]), float(g.hp.get("weight_decay", 0.0)))
+        self._exchange(groups, comm)
+        if refresh or self._stats_dirty:
+            self._reduce_stats(comm)
+        ctx.stats["shampoo/root_failures"] = self.global_root_failures
+        ctx.stats["shampoo/max_condition"] = self.global_max_condition
+
+    def _update_block(self, b: BlockInfo, st: BlockState, param: Tensor, grad: Tensor, t: int, refresh: bool,
+                      lr: float, wd: float) -> None:
+        grad_b = block_view(grad, b.layer, b.block)
+        grad_b = grad_b if grad_b.is_contiguous() else grad_b.contiguous()
+        grad_b = grad_b.view(b.block.shape)
+        m = self._first_moment(st, grad_b, t)
+        d_graft = self._graft(st, grad_b, m, t)
+        if b.diagonal:
+            d = d_graft
+        else:
+            self._accumulate(st, grad_b)
+            if t >= self.start:
+                if refresh:
+                    self._refresh(b, st)
+                d = self._precondition(st, m)
+                if self.grafting != "none":
+                    ds_norm = float(torch.linalg.vector_norm(d))
+                    dg_norm = float(torch.linalg.vector_norm(d_graft))
+                    d = d.mul_(dg_norm / ds_norm if ds_norm > 0 else 0.0)
+            else:
+                d = d_graft
+        new = self._send[b.offset:b.offset + b.block.numel].view(b.block.shape)
+        p = block_view(param, b.layer, b.block)
+        if wd:
+            torch.mul(p, 1.0 - lr * wd, out=new)
+        else:
+            new.copy_(p)
+        new.add_(d, alpha=-lr)
+
+    def _first_moment(self, st: BlockState, grad: Tensor, t: int) -> Tensor:
+        b1 = self.betas[0]
+        if st.momentum is None:
+            return grad
+        st.momentum.lerp_(grad, 1.0 - b1)
+        bc = self.bias_correction
+        if self.nesterov:
+            c_m = b1 / (1.0 - b1 ** (t + 1)) if bc else b1
+            c_g = (1.0 - b1) / (1.0 - b1**t) if bc else 1.0 - b1
+            return torch.add(st.momentum * c_m, grad, alpha=c_g)
+        return st.momentum / (1.0 - b1**t) if bc else st.momentum
+
+    def _graft(self, st: BlockState, grad: Tensor, m: Tensor, t: int) -> Tensor:
+        if st.graft is None:  # sgd / none: the (filtered) gradient itself
+            return m
+        a = st.graft
+        if self.grafting == "adagrad":
+            a.addcmul_(grad, grad)
+            denom = a.sqrt()
+        else:
+            b2 = self.graft_beta2
+            a.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
+            denom = a.sqrt()
+            if self.grafting == "adam" and self.bias_correction:
+                denom.div_(math.sqrt(1.0 - b2**t))
+        return m / denom.add_(self.graft_eps)
+
+    def _accumulate(self, st: BlockState, grad: Tensor) -> None:
+        b2 = self.betas[1]
+        beta, alpha = (1.0, 1.0) if b2 == 1.0 else (b2, 1.0 - b2)
+        g = grad.to(self.pdtype)
+        order = g.dim()
+        for i, h in enumerate(st.factors):
+            if order == 1:
+                h.addr_(g, g, beta=beta, alpha=alpha)
+            else:
+                gi = g if i == 0 else g.movedim(i, 0)
+                gi = gi.reshape(gi.shape[0], -1)
+                h.addmm_(gi, gi.T, beta=beta, alpha=alpha)
+
+    def _refresh(self, b: BlockInfo, st: BlockState) -> None:
+        e = self.exponent(len(st.factors))
+        for i, h in enumerate(st.factors):
+            res = inverse_root(h, e, self.eps)
+            if res.ok:
+                st.roots[i] = res.root
+                st.condition[i] = res.condition
+            else:
+                st.root_failures += 1
+
+    def _precondition(self, st: BlockState, m: Tensor) -> Tensor:
+        x = m.to(self.pdtype)
+        roots = st.roots
+        if x.dim() == 1:
+            out = roots[0] @ x if roots[0] is not None else x.clone()
+        elif x.dim() == 2:
+            out = roots[0] @ x if roots[0] is not None else x
+            out = out @ roots[1] if roots[1] is not None else out
+            out = out if out is not x else x.clone()
+        else:  # contract each mode in turn; after k steps the modes are back in order
+            out = x
+            for i, r in enumerate(roots):
+                eye = r if r is not None else torch.eye(x.shape[i], dtype=x.dtype, device=x.device)
+                out = torch.tensordot(out, eye, dims=([0], [0]))
+        return out.to(m.dtype)
+
+    def _exchange(self, groups: Sequence[GroupShard], comm: Any) -> None:
+        """All-gather every rank's packed new values and copy them into the parameters."""
+        if comm is None:
+            buf = self._send.view(1, -1)
+        else:
+            comm.all_gather(self._recv, self._send)
+            buf = self._recv.view(self.world, -1)
+        for b in self.plan:
+            src = buf[b.owner, b.offset:b.offset + b.block.numel]
+            dst = block_view(groups[b.group].params[b.piece], b.layer, b.block)
+            dst.copy_(src.view(dst.shape))
+
+    def _reduce_stats(self, comm: Any) -> None:
+        fails = sum(st.root_failures for st in self.state.values())
+        cond = max((c for st in self.state.values() for c in st.condition), default=1.0)
+        if comm is None:
+            self.global_root_failures, self.global_max_condition = fails, cond
+        else:
+            vec = torch.zeros(2 * self.world, dtype=torch.float64)
+            vec[self.rank] = fails
+            vec[self.world + self.rank] = cond
+            comm.all_reduce(vec)
+            self.global_root_failures = int(vec[:self.world].sum())
+            self.global_max_condition = float(vec[self.world:].max())
+        self._stats_dirty = False
+
+    # -- state ------------------------------------------------------------------------------------
+    def rule_state_dict(self) -> dict[str, Any]:
+        """{"{layer}/{block}": {...}} for the blocks this rank owns (before the first step: whatever
+        was loaded, unchanged)."""
+        if self.plan is None:
+            return dict(self._pending)
+        out: dict[str, Any] = {}
+        for b in self.owned:
+            st = self.state[b.key]
+            entry: dict[str, Any] = {"shape": list(b.block.shape), "root_failures": st.root_failures}
+            names = factor_names(len(st.factors))
+            for n, h, r, c in zip(names, st.factors, st.roots, st.condition, strict=True):
+                entry[n] = h
+                entry[f"{n}_condition"] = c
+                if r is not None:
+                    entry[f"{n}_root"] = r
+            if st.momentum is not None:
+                entry["momentum"] = st.momentum
+            if st.graft is not None:
+                entry["graft"] = st.graft
+            out[b.key] = entry
+        return out
+
+    def load_rule_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the entries of the blocks this rank owns from ``state`` (which may hold any superset,
+        e.g. the union of all ranks' saved blocks at another world size). Applied at the first step
+        if the block plan does not exist yet."""
+        self._pending = dict(state)
+        if self.plan is not None:
+            self._apply_pending()
+
+    def _apply_pending(self) -> None:
+        state, self._pending = self._pending, {}
+        if not state:
+            return
+        known = {b.key for b in self.plan}
+        unknown = sorted(set(state) - known)
+        if unknown:
+            raise KeyError(f"shampoo state has blocks this model does not have: {', '.join(unknown[:5])} (different "
+                           "model or max_preconditioner_dim?)")
+        for b in self.owned:
+            entry = state.get(b.key)
+            if entry is None:
+                raise KeyError(f"shampoo state has no entry for block {b.key!r}")
+            if [int(d) for d in entry.get("shape", [])] != list(b.block.shape):
+                raise ValueError(f"shampoo state for block {b.key!r} has shape {entry.get('shape')}, expected "
+                                 f"{list(b.block.shape)} (different max_preconditioner_dim?)")
+            st = self.state[b.key]
+            names = factor_names(len(st.factors))
+            for i, n in enumerate(names):
+                st.factors[i].copy_(self._need(entry, n, b.key))
+                root = entry.get(f"{n}_root")
+                st.roots[i] = None if root is None else root.to(dtype=self.pdtype, device=st.factors[i].device).clone()
+                st.condition[i] = float(entry.get(f"{n}_condition", 1.0))
+            if st.momentum is not None:
+                st.momentum.copy_(self._need(entry, "momentum", b.key))
+            if st.graft is not None:
+                st.graft.copy_(self._need(entry, "graft", b.key))
+            st.root_failures = int(entry.get("root_failures", 0))
+        self._stats_dirty = True
+
+    @staticmethod
+    def _need(entry: dict[str, Any], name: str, key: str) -> Tensor:
+        if name not in entry:
+            raise KeyError(f"shampoo state for block {key!r} lacks {name!r} (saved with other betas/grafting?)")
+        return entry[name]
+
+    # -- introspection ----------------------------------------------------------------------------
+    def state_bytes(self) -> int:
+        """Bytes of Shampoo state held by this rank (statistics, roots, first moment, graft)."""
+        return sum(t.numel() * t.element_size() for st in self.state.values() for t in st.tensors())
+
+    def preconditioner_bytes(self) -> int:
+        """Bytes of statistics and roots held by this rank."""
+        return sum(t.numel() * t.element_size() for st in self.state.values()
+                   for t in list(st.factors) + [r for r in st.roots if r is not None])
+
+
+def build_shampoo(**hp: Any) -> Shampoo:
+    """A Shampoo rule from optimizer.* config keys (None or absent: the default; others ignored)."""
+
+    def get(key: str, default: Any) -> Any:
+        v = hp.get(key)
+        return default if v is None else v
+
+    return Shampoo(
+        betas=tuple(get("betas", (0.9, 1.0))), eps=get("eps", 1e-12),
+        max_preconditioner_dim=get("max_preconditioner_dim", 1024),
+        precondition_frequency=get("precondition_frequency", 20),
+        start_preconditioning_step=get("start_preconditioning_step", 1),
+        exponent_override=hp.get("exponent_override"), grafting=get("grafting", "adam"),
+        grafting_beta2=get("grafting_beta2", 0.999), grafting_eps=get("grafting_eps", 1e-8),
+        preconditioner_dtype=get("preconditioner_dtype", "float32"), nesterov=get("nesterov", False),
+        bias_correction=get("bias_correction", True),
+    )
