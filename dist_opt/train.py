@@ -5,7 +5,8 @@ launcher's environment. With no launcher and ``distributed.nproc > 1`` it starts
 itself through torchrun's Python API (standalone rendezvous on a free port).
 
 Exit codes: 0 done, 1 failure, 2 bad input (config, launcher environment), 3 stopped because
-of too many consecutive non-finite steps.
+of too many consecutive non-finite steps, 4 stopped early on request (preemption signal) after
+saving a checkpoint.
 """
 
 from __future__ import annotations
@@ -35,6 +36,30 @@ EVAL_BATCH = 256
 
 class NonFiniteStorm(RuntimeError):
     pass
+
+
+class StopRun(RuntimeError):
+    """The ranks agreed to stop early (e.g. preemption); state was saved by the extensions."""
+
+
+EXIT_STOPPED = 4
+
+
+def build_extensions(cfg: Config) -> list:
+    """Extensions in call order: SWA before checkpoint (a checkpoint holds the updated average)."""
+    import importlib.util
+
+    exts = []
+    # (the modules land independently; until one exists its feature is simply absent)
+    if cfg.swa.enabled and importlib.util.find_spec("dist_opt.swa") is not None:
+        from dist_opt.swa import SWAExtension
+
+        exts.append(SWAExtension(cfg))
+    if importlib.util.find_spec("dist_opt.checkpoint.extension") is not None:
+        from dist_opt.checkpoint.extension import CheckpointExtension
+
+        exts.append(CheckpointExtension(cfg))
+    return exts
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -121,6 +146,9 @@ def run(cfg: Config, env: Any) -> int:
     except NonFiniteStorm as e:
         print(f"dist-opt: {e}", file=sys.stderr)
         return EXIT_NONFINITE
+    except StopRun as e:
+        print(f"dist-opt: stopped early: {e}", file=sys.stderr)
+        return EXIT_STOPPED
     except ConfigError as e:
         print(e, file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -162,6 +190,11 @@ class Trainer:
         self.samples = 0
         self.consecutive_skips = 0
         self.tracker = None
+        self.run_id: str | None = None  # tracking run id (a resumed run continues it)
+        self.resumed_from_step: int | None = None
+        self.stop_requested = False  # set locally (e.g. by a signal handler); ranks agree each step
+        self.stop_reason = ""
+        self.extensions = build_extensions(cfg)
 
     # -- run directory and tracking ------------------------------------------------------------
     def _open_run_dir(self) -> None:
@@ -170,10 +203,18 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg), encoding="utf-8")
-        self.tracker = Tracker(self.cfg, self.run_dir, self.rank)
+        self.tracker = Tracker(self.cfg, self.run_dir, self.rank, run_id=self.run_id,
+                               resume_step=self.resumed_from_step)
+        if self.rank == 0:
+            self.run_id = self.tracker.run_id
+        holder = [self.run_id]
+        dist.broadcast_object_list(holder, src=0)
+        self.run_id = holder[0]
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self) -> Summary:
+        for ext in self.extensions:
+            ext.setup(self)
         self._open_run_dir()
         cfg = self.cfg
         bar = None
@@ -190,24 +231,36 @@ class Trainer:
         eval_metrics: dict[str, float] = {}
         try:
             while self.step < self.total_steps:
-                metrics = self.train_step()
+                try:
+                    metrics = self.train_step()
+                except NonFiniteStorm as e:
+                    for ext in self.extensions:
+                        ext.on_stop(self, str(e))
+                    raise
                 train_time += metrics["time/step_ms"] / 1e3
                 loss = metrics["loss"]
+                for ext in self.extensions:
+                    ext.after_step(self, metrics)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.3g}",
                                     sps=f"{metrics['samples_per_s']:.0f}", refresh=False)
                 if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                     self.tracker.log(metrics, step=self.step)
-                epoch_end = self.sampler.is_epoch_end(self.step - 1)
-                if epoch_end:
+                if self.sampler.is_epoch_end(self.step - 1):
                     self.schedule.epoch_end()
+                    for ext in self.extensions:
+                        ext.after_epoch(self, self.sampler.epoch_of(self.step - 1))
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.total_steps:
-                    eval_metrics = self.evaluate()
-                    self.tracker.log(eval_metrics, step=self.step)
+                    eval_metrics = self.evaluate_and_log()
                     self.schedule.on_eval(eval_metrics["eval/loss"])
-            eval_metrics = self.evaluate()
-            self.tracker.log(eval_metrics, step=self.step)
+                if self.stop_requested:
+                    for ext in self.extensions:
+                        ext.on_stop(self, self.stop_reason)
+                    raise StopRun(self.stop_reason)
+            eval_metrics = self.evaluate_and_log()
+            for ext in self.extensions:
+                ext.finish(self)
             wall = time.perf_counter() - t_start
             summary = Summary(steps=self.step, samples=self.samples, skipped=self.opt.skipped_steps,
                               train_loss=loss, eval=eval_metrics,
@@ -241,7 +294,10 @@ class Trainer:
         lr = self.opt.param_groups[0]["lr"]
         applied = self.opt.step()
         self.opt.zero_grad()
-        dist.all_reduce(loss_sum)
+        loss_sum = torch.cat([loss_sum, torch.tensor([float(self.stop_requested)], dtype=torch.float64)])
+        dist.all_reduce(loss_sum)  # mean loss over the global batch, and: does any rank want to stop?
+        if loss_sum[2] > 0 and not self.stop_requested:
+            self.stop_requested, self.stop_reason = True, "stop requested by another rank"
         self.step += 1
         self.samples += self.cfg.data.global_batch
         if applied:
@@ -272,6 +328,13 @@ class Trainer:
                 self.noise.update(st["local_grad_sq"], st["global_grad_sq"], b_small, self.cfg.data.global_batch)
                 if self.noise.b_simple is not None:
                     metrics["noise/b_simple"] = self.noise.b_simple
+        return metrics
+
+    def evaluate_and_log(self) -> dict[str, float]:
+        metrics = self.evaluate()
+        for ext in self.extensions:
+            ext.after_eval(self, metrics)
+        self.tracker.log(metrics, step=self.step)
         return metrics
 
     @torch.no_grad()
