@@ -55,7 +55,7 @@ def build_extensions(cfg: Config) -> list:
         from dist_opt.swa import SWAExtension
 
         exts.append(SWAExtension(cfg))
-    if importlib.util.find_spec("dist_opt.checkpoint.extension") is not None:
+    if importlib.util.find_spec("dist_opt.checkpoint") is not None:
         from dist_opt.checkpoint.extension import CheckpointExtension
 
         exts.append(CheckpointExtension(cfg))
