@@ -33,6 +33,11 @@ class Ledger:
         return sum(self.bytes.values())
 
 
+# torch >= 2.13 renamed the single-tensor collectives (the old names warn); keep both working
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class Comm:
     """Thin wrapper over torch.distributed for one process group."""
 
@@ -55,14 +60,14 @@ class Comm:
             out.copy_(inp)
             return None
         self.ledger.add("reduce_scatter", inp.numel() * inp.element_size(), self.world)
-        return dist.reduce_scatter_tensor(out, inp, op=dist.ReduceOp.SUM, group=self.group, async_op=async_op)
+        return _reduce_scatter_single(out, inp, op=dist.ReduceOp.SUM, group=self.group, async_op=async_op)
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
         if self.world == 1:
             out.copy_(inp)
             return None
         self.ledger.add("all_gather", out.numel() * out.element_size(), self.world)
-        return dist.all_gather_into_tensor(out, inp, group=self.group, async_op=async_op)
+        return _all_gather_single(out, inp, group=self.group, async_op=async_op)
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> None:
         if self.world == 1:
