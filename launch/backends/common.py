@@ -1,0 +1,54 @@
+"""Helpers shared by the builders: master address/port and per-node environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from launch.envvars import forwarded_env, omp_threads
+from launch.errors import LaunchError
+from launch.hostfile import is_local
+from launch.plan import Request, free_port
+
+DEFAULT_PORT = 29500
+
+
+def master_addr(req: Request) -> str:
+    """--master-addr, else the first node; loopback only when every node is this machine."""
+    if req.master_addr:
+        return req.master_addr
+    first = req.nodes[0].host
+    if req.multi_node:
+        if any(is_local(n.host) and n.host is not None for n in req.nodes):
+            raise LaunchError("localhost cannot be one of several nodes (the others could not reach it); "
+                              "name this machine by an address the other nodes can reach")
+        if first is None:
+            raise LaunchError("--master-addr is needed when the nodes are not named by a hostfile")
+        return first
+    return "127.0.0.1" if is_local(first) else str(first)
+
+
+def master_port(req: Request) -> int:
+    """--master-port, else a free local port for a single local node, else 29500."""
+    if req.master_port is not None:
+        return req.master_port
+    if not req.multi_node and is_local(req.nodes[0].host):
+        return free_port()
+    return DEFAULT_PORT
+
+
+def node_env(req: Request, procs: int) -> dict[str, str]:
+    """Allow-listed env + OMP_NUM_THREADS for ``procs`` ranks on a node + --env, plus unbuffered output."""
+    env = forwarded_env(req.environ, req.extra_env, omp_threads(req.cores_per_node, procs))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return dict(sorted(env.items()))
+
+
+def no_restarts(req: Request) -> None:
+    if req.max_restarts:
+        raise LaunchError(f"--max-restarts is supported by --launcher torchrun only, not {req.launcher}")
+
+
+def sibling_executable(python: str, name: str) -> str | None:
+    """``name`` next to the Python interpreter (a venv's bin/), if it exists there."""
+    candidate = Path(python).parent / name
+    return str(candidate) if candidate.is_file() else None

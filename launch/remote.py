@@ -1,0 +1,104 @@
+"""Node-side shim: ``python -m launch.remote -- ARGV...`` started over ssh by the launcher.
+
+Reads one JSON line ``{"env": {...}}`` from stdin, runs ARGV with that environment added, in
+its own session, and keeps reading stdin: end-of-file means the launcher (or its ssh) is gone,
+and then the whole session is terminated, so no rank outlives a failed or interrupted launch.
+Exits with ARGV's exit code (128 + signal number when it was killed by a signal).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+GRACE_S = 5.0
+
+
+def _kill_session(proc: subprocess.Popen, grace: float = GRACE_S) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(timeout=grace)
+            if sig == signal.SIGTERM:
+                try:  # the leader is gone; sweep what is left of its session
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _read_line(fd: int, limit: int = 1 << 20) -> bytes:
+    """One line from a raw fd, byte by byte, so nothing after it is buffered away from the lifeline."""
+    buf = bytearray()
+    while len(buf) < limit:
+        ch = os.read(fd, 1)
+        if not ch or ch == b"\n":
+            return bytes(buf)
+        buf += ch
+    raise ValueError("header line on stdin is too long")
+
+
+def _read_header(fd: int) -> dict[str, str]:
+    line = _read_line(fd)
+    if not line.strip():
+        raise ValueError("no header on stdin (expected one JSON line with 'env')")
+    header = json.loads(line)
+    env = header.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise ValueError("header 'env' must map names to strings")
+    return env
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        print("launch.remote: usage: python -m launch.remote -- COMMAND [ARGS...]", file=sys.stderr)
+        return 2
+    stdin = sys.stdin.fileno()
+    try:
+        extra = _read_header(stdin)
+    except ValueError as e:
+        print(f"launch.remote: {e}", file=sys.stderr)
+        return 2
+    try:
+        proc = subprocess.Popen(argv, env={**os.environ, **extra}, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    except OSError as e:
+        print(f"launch.remote: cannot start {argv[0]!r}: {e}", file=sys.stderr)
+        return 127
+
+    def lifeline() -> None:
+        try:
+            while os.read(stdin, 4096):  # raw reads: no buffer lock to trip over at shutdown
+                pass
+        except OSError:
+            pass
+        _kill_session(proc)
+
+    threading.Thread(target=lifeline, daemon=True).start()
+
+    def on_signal(signum: int, _frame: object) -> None:  # no blocking in a handler: escalate in a thread
+        threading.Thread(target=_kill_session, args=(proc,), daemon=True).start()
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    rc = proc.wait()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers of a finished command
+    except (ProcessLookupError, PermissionError):
+        pass
+    return 128 - rc if rc < 0 else rc
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
