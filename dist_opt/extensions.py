@@ -27,6 +27,10 @@ class Extension:
     def after_epoch(self, trainer: Trainer, epoch: int) -> None:
         """After the last step of 0-based ``epoch`` (finite datasets only)."""
 
+    def step_end(self, trainer: Trainer) -> None:
+        """After everything of a step (epoch end, eval, schedule updates): the point where the whole
+        state is consistent, e.g. to save a checkpoint."""
+
     def after_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         """After an evaluation of the live weights; may add metrics (e.g. SWA eval)."""
 

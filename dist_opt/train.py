@@ -49,7 +49,9 @@ def build_extensions(cfg: Config) -> list:
     """Extensions in call order: SWA before checkpoint (a checkpoint holds the updated average)."""
     import importlib.util
 
-    exts = []
+    from dist_opt.faults import PreemptionExtension
+
+    exts: list = [PreemptionExtension(cfg)]  # first: signals and peer watch cover everything after it
     # (the modules land independently; until one exists its feature is simply absent)
     if cfg.swa.enabled and importlib.util.find_spec("dist_opt.swa") is not None:
         from dist_opt.swa import SWAExtension
@@ -62,8 +64,13 @@ def build_extensions(cfg: Config) -> list:
     return exts
 
 
+class _ArgParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit code 2 instead of a usage dump
+        raise ConfigError([f"dist-opt train: {message} (usage: dist-opt train CONFIG [key=value ...])"])
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="dist-opt train", description="Train a dist-opt config.")
+    p = _ArgParser(prog="dist-opt train", description="Train a dist-opt config.", allow_abbrev=False)
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -71,16 +78,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def validate_for_world(cfg: Config, world: int) -> None:
-    problems = cfg.check_world(world)
-    if cfg.distributed.engine != "native":
-        problems.append(f"distributed.engine: {cfg.distributed.engine!r} is not available yet (use native)")
+    from dist_opt.integrations import check_engine
+
+    problems = cfg.check_world(world) + check_engine(cfg, world)
     if problems:
         raise ConfigError(problems)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             print(dump_yaml(cfg), end="")
@@ -95,26 +102,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"launch error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if not env.is_launched and cfg.distributed.nproc > 1:
-        return spawn_local(args.config, args.overrides, cfg.distributed.nproc)
+        return spawn_local(args.config, args.overrides, cfg.distributed.nproc, cfg.train.preemption_signals)
     return run(cfg, env)
 
 
-def spawn_local(config: str, overrides: Sequence[str], nproc: int) -> int:
-    """Start ``nproc`` ranks on this machine with torchrun's Python API (standalone, free port)."""
+def spawn_local(config: str, overrides: Sequence[str], nproc: int, signals: Sequence[str] = ()) -> int:
+    """Start ``nproc`` ranks on this machine with torchrun's Python API (standalone, free port).
+
+    Signals to this process (SIGTERM, SIGINT, ``train.preemption_signals``) are forwarded to the
+    ranks by torchrun; the ranks stop, save and exit 4, which is then this process's exit code.
+    """
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args as torchrun_args
     from torch.distributed.run import run as torchrun
 
+    from dist_opt.faults import ENV_EXIT_STATUS_DIR, read_exit_statuses, signal_by_name
+
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     os.environ.setdefault("LOGLEVEL", "WARNING")
+    forward = ["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"]
+    forward += [s for s in (signal_by_name(n).name for n in signals) if s not in forward]
     targs = torchrun_args(["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0",
+                           f"--signals-to-handle={','.join(forward)}",
                            "--module", "dist_opt.train", config, *overrides])
-    try:
-        torchrun(targs)
-    except ChildFailedError as e:
-        codes = {rank: f.exitcode for rank, f in e.failures.items()}
-        print(f"dist-opt: rank(s) failed with exit codes {codes}", file=sys.stderr)
-        return next(iter(codes.values()), EXIT_FAIL) if len(set(codes.values())) == 1 else EXIT_FAIL
+    with tempfile.TemporaryDirectory(prefix="dist-opt-exit-") as status_dir:
+        os.environ[ENV_EXIT_STATUS_DIR] = status_dir
+        try:
+            torchrun(targs)
+        except ChildFailedError as e:
+            # a rank killed by torchrun after it had finished (its code is recorded) counts with that code
+            codes = {rank: f.exitcode for rank, f in e.failures.items()} | read_exit_statuses(status_dir)
+            if set(codes.values()) in ({EXIT_NONFINITE}, {EXIT_STOPPED}):
+                return next(iter(codes.values()))
+            print(f"dist-opt: rank(s) failed with exit codes {dict(sorted(codes.items()))}", file=sys.stderr)
+            return next(iter(codes.values()), EXIT_FAIL) if len(set(codes.values())) == 1 else EXIT_FAIL
+        except SignalException as e:  # torchrun forwarded the signal and waited for the ranks
+            codes = read_exit_statuses(status_dir)
+            if len(codes) == nproc and set(codes.values()) == {EXIT_STOPPED}:
+                return EXIT_STOPPED
+            print(f"dist-opt: {e.sigval.name}: ranks ended with exit codes {codes or 'unknown'}",
+                  file=sys.stderr)
+            return 128 + int(e.sigval)
+        finally:
+            os.environ.pop(ENV_EXIT_STATUS_DIR, None)
     return EXIT_OK
 
 
@@ -134,26 +167,53 @@ class Summary:
                f"wall {self.wall_s:.1f}s, {self.samples_per_s:.0f} samples/s (training steps)",
                f"final train loss {self.train_loss:.4f}"]
         if self.eval:
-            out.append("final eval " + ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in self.eval.items()))
+            out.append("final " + ", ".join(f"{k} {v:.4f}" for k, v in self.eval.items()
+                                            if isinstance(v, float)))
         out.append(f"run directory {self.run_dir}")
         return out
 
 
 def run(cfg: Config, env: Any) -> int:
+    """Train in the group described by ``env``; returns the exit code (see the module docstring)."""
+    from dist_opt import faults
+
     device = init_process_group(env, cfg.distributed.backend, cfg.distributed.timeout_s)
+    try:
+        code = _fit(cfg, device, env.rank)
+        # recorded before teardown: the launcher may kill this rank once another one has exited
+        return faults.record_exit_status(env.rank, code)
+    finally:
+        faults.release()
+        destroy_process_group()
+
+
+def _fit(cfg: Config, device: torch.device, rank: int) -> int:
+    from dist_opt.diagnose import explain
+
     try:
         Trainer(cfg, device).fit()
     except NonFiniteStorm as e:
-        print(f"dist-opt: {e}", file=sys.stderr)
+        if rank == 0:
+            print(f"dist-opt: {e} (lower optimizer.lr or set optimizer.max_grad_norm; resume=latest continues "
+                  "from the last checkpoint)", file=sys.stderr)
         return EXIT_NONFINITE
     except StopRun as e:
-        print(f"dist-opt: stopped early: {e}", file=sys.stderr)
+        if rank == 0:
+            print(f"dist-opt: stopped early ({e}); resume with resume=latest", file=sys.stderr)
         return EXIT_STOPPED
     except ConfigError as e:
-        print(e, file=sys.stderr)
+        if rank == 0:
+            print(e, file=sys.stderr)
         return EXIT_BAD_INPUT
-    finally:
-        destroy_process_group()
+    except KeyboardInterrupt:
+        print(f"dist-opt: rank {rank}: interrupted", file=sys.stderr)
+        return 130
+    except BaseException as e:  # a failed collective or write (DCP raises BaseException): one clear line
+        line = explain(e, rank, cfg.run.out_dir)
+        if line is None:
+            raise
+        print(line, file=sys.stderr, flush=True)
+        return EXIT_FAIL
     return EXIT_OK
 
 
@@ -161,7 +221,7 @@ class Trainer:
     """One run: the loop of config -> data -> forward/backward -> sharded step -> logs."""
 
     def __init__(self, cfg: Config, device: torch.device):
-        from dist_opt.engine.build import build_optimizer
+        from dist_opt.engine.build import build_engine
         from dist_opt.noise_scale import NoiseScale
         from dist_opt.schedules import build_schedule, scaled_lr
         from dist_opt.tasks import build_task
@@ -183,7 +243,8 @@ class Trainer:
         else:
             self.total_steps = cfg.train.epochs * spe
         track = cfg.tracking.noise_scale and self.world > 1
-        self.opt = build_optimizer(self.model, cfg, scaled_lr(cfg, cfg.data.global_batch), track_local_grad_norm=track)
+        self.model, self.opt = build_engine(cfg, self.model, scaled_lr(cfg, cfg.data.global_batch),
+                                            track_local_grad_norm=track)
         self.schedule = build_schedule(cfg, self.opt, spe, self.total_steps)
         self.noise = NoiseScale(cfg.tracking.noise_scale_ema) if track else None
         self.step = 0  # optimizer steps done (applied or skipped)
@@ -194,6 +255,7 @@ class Trainer:
         self.resumed_from_step: int | None = None
         self.stop_requested = False  # set locally (e.g. by a signal handler); ranks agree each step
         self.stop_reason = ""
+        self.stop_agreed = False  # some rank requested a stop before this step's all-reduce
         self.extensions = build_extensions(cfg)
 
     # -- run directory and tracking ------------------------------------------------------------
@@ -254,7 +316,9 @@ class Trainer:
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.total_steps:
                     eval_metrics = self.evaluate_and_log()
                     self.schedule.on_eval(eval_metrics["eval/loss"])
-                if self.stop_requested:
+                for ext in self.extensions:  # the step's boundary work is done: the exact-resume point
+                    ext.step_end(self)
+                if self.stop_agreed:
                     for ext in self.extensions:
                         ext.on_stop(self, self.stop_reason)
                     raise StopRun(self.stop_reason)
@@ -272,7 +336,11 @@ class Trainer:
             if bar is not None:
                 bar.close()
             if self.tracker is not None:
-                self.tracker.close()
+                # W&B marks the run failed unless it ended normally (exit code as the CLI reports it)
+                err = sys.exc_info()[1]
+                code = 0 if err is None else EXIT_STOPPED if isinstance(err, StopRun) else \
+                    EXIT_NONFINITE if isinstance(err, NonFiniteStorm) else EXIT_FAIL
+                self.tracker.close(code)
             if summary is not None and self.rank == 0:
                 print("\n".join(["dist-opt summary:"] + ["  " + line for line in summary.lines()]), flush=True)
 
@@ -294,9 +362,11 @@ class Trainer:
         lr = self.opt.param_groups[0]["lr"]
         applied = self.opt.step()
         self.opt.zero_grad()
+        # a signal may set stop_requested at any moment: the loop acts only on the agreed value
         loss_sum = torch.cat([loss_sum, torch.tensor([float(self.stop_requested)], dtype=torch.float64)])
         dist.all_reduce(loss_sum)  # mean loss over the global batch, and: does any rank want to stop?
-        if loss_sum[2] > 0 and not self.stop_requested:
+        self.stop_agreed = bool(loss_sum[2] > 0)
+        if self.stop_agreed and not self.stop_requested:
             self.stop_requested, self.stop_reason = True, "stop requested by another rank"
         self.step += 1
         self.samples += self.cfg.data.global_batch
@@ -356,9 +426,11 @@ class Trainer:
         return res
 
     def _finish(self, summary: Summary) -> None:
+        from dist_opt.integrations import full_state_dict
+
+        params = full_state_dict(self.model)  # a collective under fsdp2: every rank calls it
         if self.rank != 0:
             return
-        params = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         torch.save(params, self.run_dir / "final_params.pt")
         record = {"steps": summary.steps, "samples": summary.samples, "skipped": summary.skipped,
                   "train_loss": summary.train_loss, **summary.eval, "samples_per_s": summary.samples_per_s,

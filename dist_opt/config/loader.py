@@ -36,7 +36,7 @@ def _parse_value(text: str) -> Any:
     """An override's value is YAML (``1e-3``, ``[1, 2]``, ``true``, ``null``); bare words stay strings."""
     try:
         return yaml.safe_load(text) if text != "" else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: an integer of > 4300 digits
         return text
 
 
@@ -81,6 +81,10 @@ def read_yaml(path: str | os.PathLike) -> dict:
         raise ConfigError([f"YAML syntax error at {line}{problem}"], source=str(path)) from None
     except (UnicodeDecodeError, OSError) as e:
         raise ConfigError([f"cannot read: {e}"], source=str(path)) from None
+    except RecursionError:
+        raise ConfigError(["YAML nested too deeply"], source=str(path)) from None
+    except ValueError as e:  # e.g. an integer literal longer than Python's int conversion limit
+        raise ConfigError([f"YAML value error: {e}"], source=str(path)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

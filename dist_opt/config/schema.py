@@ -7,9 +7,10 @@ them). Every model forbids unknown keys so a typo is an error, not a silently ig
 from __future__ import annotations
 
 import math
+import signal
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -94,6 +95,20 @@ class TrainConfig(Section):
     """Show a tqdm progress bar on rank 0."""
     max_consecutive_skips: PosInt = 20
     """Stop the run after this many consecutive non-finite (skipped) steps."""
+    preemption_signals: list[str] = Field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that make every rank stop at the next step boundary, save a checkpoint and exit with code 4 (SIGINT always does). SLURM: SIGUSR1 with --signal=USR1@120."""
+
+    @field_validator("preemption_signals")
+    @classmethod
+    def _signal_names(cls, names: list[str]) -> list[str]:
+        out = []
+        for name in names:
+            text = name.strip().upper()
+            text = text if text.startswith("SIG") else "SIG" + text
+            if text in ("SIGKILL", "SIGSTOP") or text not in signal.Signals.__members__:
+                raise ValueError(f"{name!r} is not a catchable signal name (e.g. SIGTERM, SIGUSR1)")
+            out.append(text)
+        return out
 
     @model_validator(mode="after")
     def _length(self) -> TrainConfig:
@@ -163,7 +178,7 @@ class OptimizerConfig(Section):
     preconditioner_dtype: Literal["float32", "float64"] = "float32"
     """Shampoo: dtype of statistics and root inverses."""
     nesterov: bool = False
-    """Shampoo: Nesterov momentum on the preconditioned update."""
+    """Shampoo: Nesterov form of the betas[0] gradient average (NAdam-style; Shampoo ignores optimizer.momentum)."""
 
 
 class ScheduleConfig(Section):
@@ -249,7 +264,7 @@ class CheckpointConfig(Section):
     async_save: bool = Field(default=False, alias="async")
     """Save in the background while training continues (key: checkpoint.async)."""
     at_end: bool = True
-    """Save a checkpoint when the run ends."""
+    """Save a checkpoint when the run ends (early stops — preemption, non-finite storm — always save)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
                               use_attribute_docstrings=True)

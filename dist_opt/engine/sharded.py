@@ -276,6 +276,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
             full[s.name] = {k: self._gather_full(v[s.index], s) for k, v in self.shard_state.items()}
         sd["state"] = full
         sd["offsets"] = {s.name: 0 for s in self.layout.slots}
+        if self.rule.replicated_pieces and self.comm.world > 1:
+            # rule state is owned per rank (e.g. Shampoo blocks): merge every rank's entries
+            parts: list[Any] = [None] * self.comm.world
+            dist.all_gather_object(parts, sd["rule_state"], group=self.comm.group)
+            merged: dict[str, Any] = {}
+            for part in parts:
+                merged.update(part or {})
+            sd["rule_state"] = merged
         return sd
 
     def _gather_full(self, piece: Tensor, s: Slot) -> Tensor:

@@ -76,3 +76,42 @@ def inverse_root(h: Tensor, exponent: float, eps: float) -> RootResult:
     if not bool(torch.isfinite(root).all()):
         return FAILED
     return RootResult(root, True, lam_max / float(lam.min()))
+
+
+# -- statistics update ---------------------------------------------------------------------------
+try:  # BLAS syrk does half the work of a general matmul for X·Xᵀ; scipy is optional
+    from scipy.linalg import blas as _blas
+except ImportError:  # pragma: no cover - depends on the environment
+    _blas = None
+
+_SYRK = {torch.float32: "ssyrk", torch.float64: "dsyrk"}
+
+
+def gram_update_(h: Tensor, x: Tensor, alpha: float, beta: float, use_blas: bool | None = None) -> Tensor:
+    """h ← beta·h + alpha·x·xᵀ on (at least) the lower triangle of ``h``, which is all that
+    ``torch.linalg.eigh`` reads; use ``symmetrize_`` before exposing ``h``.
+
+    ``h`` is (d, d) C-contiguous, ``x`` (d, k) C- or F-contiguous, both CPU tensors of h's dtype.
+    With scipy this is one BLAS syrk on the tensors' memory (half the flops of a matmul);
+    otherwise (or with ``use_blas=False``) ``torch.addmm`` on the full matrix.
+    """
+    blas_ok = (_blas is not None and h.device.type == "cpu" and h.dtype in _SYRK and x.dtype == h.dtype
+               and h.is_contiguous() and (x.is_contiguous() or x.T.is_contiguous()))
+    if not (blas_ok if use_blas is None else use_blas and blas_ok):
+        return h.addmm_(x, x.T, beta=beta, alpha=alpha)
+    syrk = getattr(_blas, _SYRK[h.dtype])
+    c = h.numpy().T  # Fortran view of h: its upper triangle is h's lower triangle
+    if x.is_contiguous():  # x (d, k) row-major = a Fortran (k, d) matrix A = xᵀ: x·xᵀ = AᵀA
+        out = syrk(alpha, x.numpy().T, beta=beta, c=c, trans=1, lower=0, overwrite_c=1)
+    else:  # x is a Fortran (d, k) matrix A: x·xᵀ = A·Aᵀ
+        out = syrk(alpha, x.numpy(), beta=beta, c=c, trans=0, lower=0, overwrite_c=1)
+    if out.ctypes.data != c.ctypes.data:  # scipy made a copy after all
+        h.copy_(torch.from_numpy(out.T))
+    return h
+
+
+def symmetrize_(h: Tensor) -> Tensor:
+    """Copy the lower triangle of a square matrix onto its upper triangle (in place)."""
+    strict_lower = torch.tril(h, diagonal=-1)
+    h.tril_().add_(strict_lower.T)
+    return h

@@ -32,6 +32,7 @@ collects the health statistics ``shampoo/root_failures`` (cumulative) and
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +43,7 @@ from torch import Tensor
 from dist_opt.optim.base import GroupShard, Rule, StepContext
 from dist_opt.optim.shampoo.assignment import assign, block_cost
 from dist_opt.optim.shampoo.blocking import Block, LayerBlocking, block_layer, block_view
-from dist_opt.optim.shampoo.matrix_root import inverse_root
+from dist_opt.optim.shampoo.matrix_root import gram_update_, inverse_root, symmetrize_
 
 GRAFTS = ("adam", "adagrad", "rmsprop", "sgd", "none")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -79,7 +80,7 @@ class BlockInfo:
 class BlockState:
     """What the owner of a block keeps."""
 
-    factors: list[Tensor]  # H_i, preconditioner dtype
+    factors: list[Tensor]  # H_i, preconditioner dtype; only the lower triangle is maintained
     roots: list[Tensor | None]  # (H_i + εI)^(-e); None = identity (never refreshed)
     momentum: Tensor | None  # first moment m (param dtype), if β1 > 0
     graft: Tensor | None  # graft second moment A (param dtype), adam/rmsprop/adagrad
@@ -209,15 +210,20 @@ class Shampoo(Rule):
                 raise RuntimeError("Shampoo: the parameter layout changed after the first step")
         t = ctx.step
         refresh = self.refresh_due(t)
+        t0 = time.perf_counter()
         for b in self.owned:
             g = groups[b.group]
             self._update_block(b, self.state[b.key], g.params[b.piece], g.grads[b.piece], t, refresh,
                                float(g.hp["lr"]), float(g.hp.get("weight_decay", 0.0)))
+        t1 = time.perf_counter()
         self._exchange(groups, comm)
         if refresh or self._stats_dirty:
             self._reduce_stats(comm)
         ctx.stats["shampoo/root_failures"] = self.global_root_failures
         ctx.stats["shampoo/max_condition"] = self.global_max_condition
+        ctx.stats["shampoo/refresh"] = int(refresh)
+        ctx.stats["time/shampoo_blocks_ms"] = 1e3 * (t1 - t0)  # this rank's blocks (incl. root refresh)
+        ctx.stats["time/shampoo_exchange_ms"] = 1e3 * (time.perf_counter() - t1)  # all-gather + unpack
 
     def _update_block(self, b: BlockInfo, st: BlockState, param: Tensor, grad: Tensor, t: int, refresh: bool,
                       lr: float, wd: float) -> None:
@@ -278,15 +284,17 @@ class Shampoo(Rule):
     def _accumulate(self, st: BlockState, grad: Tensor) -> None:
         b2 = self.betas[1]
         beta, alpha = (1.0, 1.0) if b2 == 1.0 else (b2, 1.0 - b2)
-        g = grad.to(self.pdtype)
+        g = grad.to(self.pdtype).contiguous()
         order = g.dim()
         for i, h in enumerate(st.factors):
             if order == 1:
                 h.addr_(g, g, beta=beta, alpha=alpha)
+            elif i == 0:  # mode-0 unfolding: a row-major view
+                gram_update_(h, g.reshape(g.shape[0], -1), alpha, beta)
+            elif i == order - 1:  # last-mode unfolding: a column-major view
+                gram_update_(h, g.reshape(-1, g.shape[-1]).T, alpha, beta)
             else:
-                gi = g if i == 0 else g.movedim(i, 0)
-                gi = gi.reshape(gi.shape[0], -1)
-                h.addmm_(gi, gi.T, beta=beta, alpha=alpha)
+                gram_update_(h, g.movedim(i, 0).reshape(g.shape[i], -1), alpha, beta)
 
     def _refresh(self, b: BlockInfo, st: BlockState) -> None:
         e = self.exponent(len(st.factors))
@@ -352,7 +360,7 @@ class Shampoo(Rule):
             entry: dict[str, Any] = {"shape": list(b.block.shape), "root_failures": st.root_failures}
             names = factor_names(len(st.factors))
             for n, h, r, c in zip(names, st.factors, st.roots, st.condition, strict=True):
-                entry[n] = h
+                entry[n] = symmetrize_(h.clone())  # only the lower triangle is kept up to date
                 entry[f"{n}_condition"] = c
                 if r is not None:
                     entry[f"{n}_root"] = r

@@ -1,0 +1,121 @@
+"""dist-opt's optimizers inside other engines: DeepSpeed (``deepspeed``) and PyTorch FSDP2 (``fsdp2``).
+
+Which optimizer runs where, and why (details in ``deepspeed`` and ``fsdp2``):
+
+* native, zero stage 0/1/2: every optimizer; LARS/LAMB with exact per-layer trust ratios.
+* deepspeed, zero stage 0: every optimizer. DeepSpeed all-reduces the gradients; dist-opt's client
+  optimizer keeps and updates 1/N of every layer's state and all-gathers the parameters, so
+  LARS/LAMB trust ratios stay exact (partial norms, one all-reduce); Shampoo's blocks are owned by
+  ranks as in the native engine. dist-opt's own checkpoints work (the native state layout).
+* deepspeed, zero stage 1/2: elementwise optimizers only (sgd, momentum, nesterov, adagrad,
+  rmsprop, adam, adamw) via ``zero_allow_untested_optimizer``. DeepSpeed's ZeRO flattens each
+  param group into one partition per rank, so the client optimizer never sees a layer: LARS/LAMB
+  (per-layer norms) and Shampoo (per-parameter blocks) are refused. Checkpoints: DeepSpeed's own.
+* fsdp2 (always ZeRO-3): every optimizer but Shampoo, on the local DTensor shards; LARS/LAMB norms
+  exact (partial sums over shards, one all-reduce). Shampoo is refused: its blocks span the dim-0
+  shards of several ranks. DCP checkpoints of the DTensor state (the checkpoint extension does not
+  handle this layout yet).
+* SWA needs the native engine.
+
+This module holds the config checks that need no engine import (run before any process starts)
+and the helpers the training loop uses whatever the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dist_opt.config.schema import Config
+
+
+def check_engine(cfg: Config, world: int | None = None) -> list[str]:
+    """Problems of the engine / optimizer / zero-stage / feature combination (one line each)."""
+    engine = cfg.distributed.engine
+    if engine == "native":
+        return [f"deepspeed.config: set but distributed.engine is {engine}"] if cfg.deepspeed.config else []
+    return check_engine_combination(cfg, world) + _features(cfg)
+
+
+def _features(cfg: Config) -> list[str]:
+    """Loop features that need the native engine's flat parameter/state layout."""
+    engine, stage = cfg.distributed.engine, cfg.distributed.zero_stage
+    where = f"distributed.engine={engine}" + (
+        f" at distributed.zero_stage={stage}" if engine == "deepspeed" else ""
+    )
+    problems = []
+    if cfg.swa.enabled:
+        problems.append(
+            f"swa.enabled: SWA averages the native engine's parameter shards; not available with {where}"
+        )
+    c = cfg.checkpoint
+    saving = [
+        k
+        for k, on in (
+            ("checkpoint.at_end", c.at_end),
+            ("checkpoint.every_steps", c.every_steps),
+            ("checkpoint.every_epochs", c.every_epochs),
+            ("resume", cfg.resume.strip().lower() != "none"),
+        )
+        if on
+    ]
+    if saving and not (engine == "deepspeed" and stage == 0):
+        problems.append(
+            f"{saving[0]}: dist-opt's checkpoints need the native engine's state layout, which {where} "
+            "does not have; set checkpoint.at_end=false, checkpoint.every_steps=0, "
+            "checkpoint.every_epochs=0 and resume=none"
+            + (" (DeepSpeed's own checkpoints: opt.save_checkpoint)" if engine == "deepspeed" else "")
+        )
+    return problems
+
+
+def check_engine_combination(cfg: Config, world: int | None = None) -> list[str]:
+    """Problems of the engine / optimizer / zero-stage / ``deepspeed.config`` combination."""
+    engine, name, stage = cfg.distributed.engine, cfg.optimizer.name, cfg.distributed.zero_stage
+    if engine == "deepspeed":
+        from dist_opt.integrations.deepspeed import check_deepspeed_config
+
+        return check_deepspeed_config(cfg)
+    if engine == "fsdp2":
+        problems = []
+        if world == 1:
+            # (FSDP2 on one rank also loses all but the last micro-step's gradient under accumulation)
+            problems.append(
+                "distributed.engine: fsdp2 shards parameters over ranks; with one rank there is "
+                "nothing to shard: use distributed.engine=native"
+            )
+        if stage != 0:
+            problems.append(
+                f"distributed.zero_stage: {stage} does not apply to distributed.engine=fsdp2, which "
+                "always shards parameters, gradients and optimizer state (ZeRO-3); leave it at 0"
+            )
+        if name == "shampoo":
+            problems.append(
+                "optimizer.name: shampoo is not supported with distributed.engine=fsdp2: its "
+                "preconditioner blocks span the dim-0 shards FSDP2 gives each rank, so every step "
+                "would have to gather whole parameters and gradients; use engine native or "
+                "deepspeed with distributed.zero_stage=0"
+            )
+        if cfg.deepspeed.config:
+            problems.append("deepspeed.config: set but distributed.engine is fsdp2")
+        return problems
+    return [f"distributed.engine: unknown engine {engine!r}"]
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's full state (CPU copies) on every rank. Collective under FSDP2: call on all ranks."""
+    from torch.distributed.tensor import DTensor
+
+    out: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        if isinstance(v, DTensor):
+            v = v.full_tensor()
+        out[k] = v.detach().cpu().clone()
+    return out
+
+
+def engine_name(opt: Any) -> str:
+    """``native``, ``deepspeed`` or ``fsdp2``: which engine built ``opt``."""
+    return getattr(opt, "engine_name", "native")

@@ -1,0 +1,212 @@
+"""``distributed.engine: fsdp2``: parameters sharded by PyTorch's ``fully_shard`` (DTensor, ZeRO-3),
+dist-opt's optimizers stepping on the local shards.
+
+``build_fsdp2`` applies ``fully_shard`` to the model's units (each child module with parameters,
+looking inside ``ModuleList``/``Sequential``/``ModuleDict`` containers, e.g. transformer blocks)
+and then to the root, so every rank holds dim-0 shards of every parameter (1/N of parameter,
+gradient and optimizer memory). FSDP2 reduce-scatters gradients with a SUM and divides once by
+world size x accumulation steps (the native engine's averaging); accumulation micro-steps run
+under ``set_requires_gradient_sync(False)`` (``opt.no_sync()``), so the reduce-scatter happens once,
+on the last micro-step.
+
+:class:`FSDP2Optimizer` applies the rule to ``p.to_local()`` of every DTensor parameter; LARS/LAMB
+per-layer norms are partial sums over the local shards completed by one all-reduce per step, so
+trust ratios are exactly those of the whole layers. Shampoo is refused (``check_engine_combination``).
+
+Checkpoints: the model's ``state_dict()`` holds DTensors and ``opt.state_dict()`` returns the
+optimizer state as DTensors with the parameters' placements (plus plain counters), so
+``torch.distributed.checkpoint`` saves them sharded and loads them at any world size: load in
+place into ``opt.state_dict()``'s tensors, then call ``opt.load_state_dict`` with the result.
+``dist_opt.integrations.full_state_dict(model)`` gathers full tensors (a collective).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from dist_opt.config.loader import ConfigError
+from dist_opt.config.schema import Config
+from dist_opt.integrations.pieces import PieceOptimizer
+from dist_opt.optim.base import Rule
+
+CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The submodules that become FSDP2 units, in registration order (the root takes the rest)."""
+    units: list[nn.Module] = []
+
+    def visit(m: nn.Module) -> None:
+        for child in m.children():
+            if isinstance(child, CONTAINERS):
+                visit(child)
+            elif any(True for _ in child.parameters()):
+                units.append(child)
+
+    visit(model)
+    return units
+
+
+def build_fsdp2(
+    cfg: Config, model: nn.Module, lr: float, track_local_grad_norm: bool = False
+) -> tuple[nn.Module, FSDP2Optimizer]:  # noqa: ARG001
+    """Shard ``model`` with ``fully_shard`` and build the optimizer over its local shards.
+
+    The gradient-noise-scale statistics need each rank's gradient before reduction, which FSDP2
+    reduce-scatters inside backward, so ``track_local_grad_norm`` is not supported (ignored)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from dist_opt.engine.build import RULE_KEYS
+    from dist_opt.integrations import check_engine_combination
+    from dist_opt.optim.registry import build_rule
+
+    world = dist.get_world_size()
+    problems = check_engine_combination(cfg, world) + cfg.check_world(world)
+    if problems:
+        raise ConfigError(problems)
+    accum = cfg.accumulation_steps(world)
+    device = next(model.parameters()).device
+    with torch.no_grad():  # every rank starts from rank 0's parameters (as the native engine)
+        for p in model.parameters():
+            dist.broadcast(p.data, src=0)
+    mesh = init_device_mesh(device.type, (world,))
+    for unit in shard_units(model):
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_force_sum_reduction_for_comms(True)  # sum, then divide once (never a pre-divide or AVG)
+            m.set_gradient_divide_factor(float(world * accum))
+    o = cfg.optimizer
+    rule = build_rule(o.name, **{k: getattr(o, k) for k in RULE_KEYS})
+    opt = FSDP2Optimizer(
+        model,
+        rule,
+        lr=lr,
+        weight_decay=o.weight_decay,
+        max_grad_norm=o.max_grad_norm,
+        exclude_from_weight_decay=o.exclude_from_weight_decay,
+        exclude_from_trust_ratio=o.exclude_from_trust_ratio,
+        lr_multipliers=o.lr_multipliers,
+    )
+    return model, opt
+
+
+class FSDP2Optimizer(PieceOptimizer):
+    """A rule over the local shards of a ``fully_shard``-ed model's DTensor parameters."""
+
+    engine_name = "fsdp2"
+    partial = True
+
+    def __init__(self, model: nn.Module, rule: Rule, **kw: Any):
+        from torch.distributed.tensor import DTensor
+
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        plain = [n for n, p in named if not isinstance(p, DTensor)]
+        if plain:
+            raise ValueError(f"FSDP2Optimizer: parameters are not DTensors (not fully_shard-ed): {plain[:5]}")
+        if rule.replicated_pieces:
+            raise ValueError(f"{type(rule).__name__} needs whole parameters; FSDP2 shards them")
+        self.model = model
+        super().__init__(named, rule, **kw)
+
+    def param_pieces(self) -> list[Tensor]:
+        return [p.to_local().view(-1) for p in self.layer_params]
+
+    def grad_pieces(self) -> list[Tensor]:
+        out = []
+        for p in self.layer_params:
+            if p.grad is None:
+                local = p.to_local()
+                out.append(torch.zeros(local.numel(), dtype=local.dtype, device=local.device))
+            else:
+                out.append(p.grad.to_local().view(-1))
+        return out
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate unsharded gradients locally; the next backward outside reduce-scatters them."""
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    # -- state: DTensors with the parameters' placements (reshardable through DCP) ------------------
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        from torch.distributed.tensor import DTensor
+
+        state: dict[str, dict[str, Any]] = {}
+        for i, (name, p) in enumerate(zip(self.layer_names, self.layer_params, strict=True)):
+            entry = {}
+            for k, bufs in self.shard_state.items():
+                piece = bufs[i]
+                entry[k] = (
+                    piece
+                    if piece.dim() == 0
+                    else DTensor.from_local(
+                        piece.view(p.to_local().shape),
+                        p.device_mesh,
+                        p.placements,
+                        shape=p.shape,
+                        stride=p.stride(),
+                        run_check=False,
+                    )
+                )
+            state[name] = entry
+        return {"state": state, **self._counters()}
+
+    def shard_state_dict(self) -> dict[str, Any]:
+        """Same as :meth:`state_dict` (the state is already sharded DTensors)."""
+        return self.state_dict()
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load DTensor state (any world size, via DCP) or full plain tensors (sliced to this shard)."""
+        from torch.distributed.tensor import DTensor
+
+        st = state_dict["state"]
+        missing = [n for n in self.layer_names if n not in st]
+        if missing:
+            raise KeyError(f"optimizer state has no entry for parameters: {', '.join(missing[:5])}")
+        for i, (name, p) in enumerate(zip(self.layer_names, self.layer_params, strict=True)):
+            for k, bufs in self.shard_state.items():
+                if k not in st[name]:
+                    raise KeyError(f"optimizer state of {name} lacks {k!r}")
+                src, dst = st[name][k], bufs[i]
+                if dst.dim() == 0:
+                    dst.copy_(src.full_tensor() if isinstance(src, DTensor) else src)
+                    continue
+                if isinstance(src, DTensor):
+                    if tuple(src.placements) != tuple(p.placements):
+                        src = src.redistribute(p.device_mesh, p.placements)
+                    local = src.to_local()
+                else:
+                    local = self._my_rows(src, p)
+                if local.numel() != dst.numel():
+                    raise ValueError(
+                        f"optimizer state {name}.{k}: local shard has {local.numel()} elements, "
+                        f"this rank's shard of {tuple(p.shape)} has {dst.numel()}"
+                    )
+                dst.copy_(local.reshape(-1))
+        self._load_counters(state_dict)
+
+    @staticmethod
+    def _my_rows(full: Tensor, p: Any) -> Tensor:
+        """This rank's dim-0 rows of a full tensor, as FSDP2 shards (ceil(d0 / N) rows per rank)."""
+        if tuple(full.shape) != tuple(p.shape):
+            raise ValueError(
+                f"full optimizer state of shape {tuple(full.shape)} for a parameter {tuple(p.shape)}"
+            )
+        world, rank = p.device_mesh.size(), p.device_mesh.get_local_rank()
+        d0 = full.shape[0]
+        rows = -(-d0 // world)
+        lo = min(rank * rows, d0)
+        return full[lo : min(lo + rows, d0)]
