@@ -74,10 +74,16 @@ class PeerMonitor:
         return f"{self.prefix}/failures"
 
     def start(self) -> None:
-        threading.Thread(target=self._loop, name="dist-opt-peer-monitor", daemon=True).start()
+        self._thread = threading.Thread(target=self._loop, name="dist-opt-peer-monitor", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
+        """Stop and join the heartbeat thread, so no store call is in flight when the process group
+        (and its store) is torn down: a C++ store call cut off at teardown aborts the process."""
         self._stop.set()
+        t = getattr(self, "_thread", None)
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=self.interval + 5.0)
 
     def _beat(self) -> None:
         self.beats += 1

@@ -20,6 +20,7 @@ from netns import write_probe
 REPO = Path(__file__).resolve().parents[1]
 TINY = ("task:\n  name: synthetic\n  dim: 8\n  hidden: 16\ndata:\n  global_batch: 8\n  micro_batch: 2\n"
         "train:\n  steps: 5\n  progress: false\noptimizer:\n  name: sgd\n  lr: 0.1\n"
+        "checkpoint:\n  at_end: false\n"  # launching is under test here, not checkpoints
         "tracking:\n  wandb:\n    mode: disabled\n")
 
 

@@ -100,5 +100,11 @@ def init_process_group(env: DistEnv, backend: str = "auto", timeout_s: float = 3
 
 
 def destroy_process_group() -> None:
+    """Tear down every group, after all ranks got here: gloo aborts a process whose peer closes a
+    connection (e.g. by exiting) while it still has work in flight on that group."""
     if dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a failed peer: nothing left to wait for
+            pass
         dist.destroy_process_group()
