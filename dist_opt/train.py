@@ -7,6 +7,10 @@ itself through torchrun's Python API (standalone rendezvous on a free port).
 Exit codes: 0 done, 1 failure, 2 bad input (config, launcher environment), 3 stopped because
 of too many consecutive non-finite steps, 4 stopped early on request (preemption signal) after
 saving a checkpoint.
+
+This module is only the command line: the loop is :class:`dist_opt.trainer.Trainer` (also importable
+from here, as are ``Summary``, ``StopRun``, ``NonFiniteStorm`` and the exit codes), and the Python
+entry for users' own tasks is :func:`dist_opt.api.fit`.
 """
 
 from __future__ import annotations
