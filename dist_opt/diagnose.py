@@ -63,7 +63,7 @@ def is_collective_failure(exc: BaseException) -> bool:
 
 def collective_name(exc: BaseException) -> str:
     """The torch.distributed call that failed (outermost frame in distributed_c10d) and where dist-opt
-    called it, e.g. ``all_reduce (at dist_opt/train.py:312 in Trainer.train_step)``; a failed wait on an
+    called it, e.g. ``all_reduce (at dist_opt/trainer.py:277 in Trainer.train_step)``; a failed wait on an
     async collective is ``async collective (wait at dist_opt/engine/grad_sync.py:146 in GradSync.finish)``."""
     frames = _frames(exc)
     op = next((name for file, _, name, _ in frames if file.endswith(_C10D_FILE)), None)

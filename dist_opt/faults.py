@@ -3,7 +3,7 @@
 :class:`PreemptionExtension` is the first of the Trainer's extensions:
 
 * **Signals.** ``train.preemption_signals`` (default SIGTERM and SIGUSR1, SLURM's requeue signal)
-  and SIGINT (Ctrl-C) set ``trainer.stop_requested``. The Trainer agrees on it across ranks in the
+  and SIGINT (Ctrl-C) call ``trainer.request_stop``. The Trainer agrees on it across ranks in the
   step's loss all-reduce, so every rank stops after the same step; the extensions' ``on_stop`` save
   a checkpoint, the tracking run is closed and the process exits with code 4. A second Ctrl-C, a
   second or more after the first, aborts at once (exit 130).
@@ -18,7 +18,7 @@
   hung peer); ``DIST_OPT_TEST_STEP_SLEEP=SECONDS`` sleeps after every step (so that a test can
   signal a run in its middle).
 
-``spawn_local`` (dist_opt/train.py) asks the ranks for their exit codes through
+``spawn_ranks`` (dist_opt/train.py) asks the ranks for their exit codes through
 ``DIST_OPT_EXIT_STATUS_DIR`` (:func:`record_exit_status`, :func:`read_exit_statuses`): torchrun kills
 the other ranks once one has exited, and a rank killed after it finished still counts with its code.
 """
@@ -38,7 +38,7 @@ from dist_opt.peers import PeerMonitor
 
 if TYPE_CHECKING:
     from dist_opt.config import Config
-    from dist_opt.train import Trainer
+    from dist_opt.extensions import TrainerView
 
 ENV_HANG = "DIST_OPT_TEST_HANG_AT_STEP"
 ENV_STEP_SLEEP = "DIST_OPT_TEST_STEP_SLEEP"
@@ -73,7 +73,7 @@ class PreemptionExtension(Extension):
         names = getattr(cfg.train, "preemption_signals", DEFAULT_SIGNALS)
         self.signals = sorted({signal_by_name(n) for n in names} | {signal.SIGINT})
         self.timeout_s = float(cfg.distributed.timeout_s)
-        self.trainer: Trainer | None = None
+        self.trainer: TrainerView | None = None
         self.signal_name: str | None = None
         self.signal_at: float | None = None
         self.stopping = False
@@ -85,7 +85,7 @@ class PreemptionExtension(Extension):
         self.step_sleep = float(env.get(ENV_STEP_SLEEP, "0") or 0)
 
     # -- extension hooks -------------------------------------------------------------------------
-    def setup(self, trainer: Trainer) -> None:
+    def setup(self, trainer: TrainerView) -> None:
         global _ACTIVE
         self.trainer = trainer
         self._install()
@@ -95,7 +95,7 @@ class PreemptionExtension(Extension):
         self._last_step_at = time.monotonic()
         _ACTIVE = self
 
-    def after_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def after_step(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
         now = time.monotonic()
         if self._last_step_at is not None:
             self.slowest_step_s = max(self.slowest_step_s, now - self._last_step_at)
@@ -108,12 +108,12 @@ class PreemptionExtension(Extension):
             time.sleep(self.step_sleep)
         self._last_step_at = time.monotonic()
 
-    def on_stop(self, trainer: Trainer, reason: str) -> None:
+    def on_stop(self, trainer: TrainerView, reason: str) -> None:
         self.stopping = True
         if trainer.rank == 0:
             print(f"dist-opt: stopping after step {trainer.step}: {reason}", file=sys.stderr, flush=True)
 
-    def finish(self, trainer: Trainer) -> None:
+    def finish(self, trainer: TrainerView) -> None:
         # the run is complete: signals get their previous handlers back, the monitor stops; a failure in
         # the remaining end-of-run work (e.g. the final checkpoint) is still explained (see release())
         if self.monitor is not None:
@@ -137,9 +137,7 @@ class PreemptionExtension(Extension):
             return
         if self.signal_at is None:
             self.signal_name, self.signal_at = signal.Signals(signum).name, now
-            if not trainer.stop_requested:
-                trainer.stop_requested = True
-                trainer.stop_reason = f"received {self.signal_name}"
+            trainer.request_stop(f"received {self.signal_name}")
         elif signum == signal.SIGINT and now - self.signal_at >= 1.0 and not self.stopping:
             self.close()
             raise KeyboardInterrupt

@@ -1,4 +1,4 @@
-"""Learning-rate schedules (SPEC 7): a batch-size scale rule, a linear warmup, one main schedule.
+"""Learning-rate schedules: a batch-size scale rule, a linear warmup, one main schedule.
 
 The lr of param group ``i`` at optimizer step ``t`` (1-based) is::
 
@@ -28,6 +28,13 @@ The lr of param group ``i`` at optimizer step ``t`` (1-based) is::
   factor, not the peak lr. ``W = 0`` gives plain ``base * t^-0.5``.
 - ``schedule.min_lr`` is an absolute floor shared by all param groups (as torch's ``eta_min`` /
   ``min_lr``), not scaled by ``lr_mult``.
+
+**One owner of the lr.** :class:`LRSchedule` is the only writer of ``param_groups[i]["lr"]``. A
+feature that changes the lr (SWA's annealing, :mod:`dist_opt.swa`) composes with it through
+:meth:`LRSchedule.set_override`: a function from the schedule's lrs to the lrs to use, applied
+every time the schedule writes them. The schedule keeps its own clock and state underneath
+(:attr:`LRSchedule.lrs` is always its own value); :meth:`LRSchedule.refresh` rewrites the lrs when
+what the override depends on has changed.
 
 Values come from ``torch.optim.lr_scheduler`` (StepLR, MultiStepLR, ReduceLROnPlateau,
 CosineAnnealingLR, CosineAnnealingWarmRestarts, LambdaLR for Noam and for polynomial decay to
@@ -95,11 +102,16 @@ def _set_lr(group: dict, value: float) -> None:
         group["lr"] = value
 
 
+LROverride = Callable[[list[float]], list[float]]
+"""The schedule's lrs (one per param group) -> the lrs to write instead (same length)."""
+
+
 class LRSchedule:
     """Drives the lr of every param group of one optimizer; see the module docstring for the math.
 
     Call :meth:`step` after every optimizer step, :meth:`epoch_end` at every epoch end and
-    :meth:`on_eval` with every evaluation loss; each writes the lr the next step uses.
+    :meth:`on_eval` with every evaluation loss; each writes the lr the next step uses (through the
+    override, if one is set: :meth:`set_override`).
     """
 
     def __init__(
@@ -123,6 +135,7 @@ class LRSchedule:
         self._start = start_factor
         self.steps_done = 0
         self.epochs_done = 0
+        self._override: LROverride | None = None
         self._apply()
 
     # -- clocks ------------------------------------------------------------------------------
@@ -157,8 +170,21 @@ class LRSchedule:
         f = warmup_factor(self.steps_done, self._warmup, self._start)
         return [f * float(g["lr"]) for g in self._shadow.param_groups]
 
+    def set_override(self, fn: LROverride | None) -> None:
+        """Write ``fn(self.lrs)`` instead of :attr:`lrs` from now on (None: the schedule's own lrs again),
+        starting with the lrs of the next step (written now)."""
+        self._override = fn
+        self._apply()
+
+    def refresh(self) -> None:
+        """Rewrite the lrs of the next step (the override's inputs changed)."""
+        self._apply()
+
     def _apply(self) -> None:
-        for group, lr in zip(self.optimizer.param_groups, self.lrs, strict=True):
+        lrs = self.lrs
+        if self._override is not None:
+            lrs = self._override(lrs)
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
             _set_lr(group, lr)
 
     # -- checkpointing -----------------------------------------------------------------------

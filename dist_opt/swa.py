@@ -15,8 +15,10 @@ epoch ``swa.start_epoch`` and stepped at every epoch end. The lr of every step o
 ``swa.start_epoch + j`` is ``a swa_lr + (1 - a) lr0`` with ``a = f(min(1, j / anneal_epochs))``,
 ``f`` linear or ``(1 - cos(pi t)) / 2``, and ``a = 1`` from the start when ``anneal_epochs = 0``;
 ``lr0`` is the schedule's lr of the first step of that epoch (frozen; the schedule keeps its
-clock but no longer sets the lr). Param groups with an ``optimizer.lr_multipliers`` factor get
-``swa.lr`` times that factor; ``swa.lr`` is absolute (no batch-size scale rule).
+clock underneath). The schedule stays the only writer of the lr: this is an override
+(``LRSchedule.set_override``) that replaces its lrs once the next step is in an SWA epoch. Param
+groups with an ``optimizer.lr_multipliers`` factor get ``swa.lr`` times that factor; ``swa.lr`` is
+absolute (no batch-size scale rule).
 
 **Evaluation.** The average is swapped into the model (all-gather), BatchNorm statistics are
 recomputed (``swa.update_bn``), the held-out set is evaluated as for the live weights (keys
@@ -69,8 +71,8 @@ if TYPE_CHECKING:
     from dist_opt.dist.collectives import Comm
     from dist_opt.engine.partition import Slot
     from dist_opt.engine.sharded import ShardedOptimizer
+    from dist_opt.extensions import TrainerView
     from dist_opt.tasks.base import Task
-    from dist_opt.train import Trainer
 
 STATE_VERSION = 1
 EXPORT_NAME = "swa_model.pt"
@@ -189,12 +191,11 @@ class SWAExtension(Extension):
         self.base_lrs: list[float] | None = None  # lr0 of SWALR per param group (once the SWA lr is active)
         self.ranges: list[OwnedRange] = []
         self.avg: Tensor | None = None  # this rank's pieces, each padded to its chunk
-        self._trainer: Trainer | None = None
-        self._hook: Any = None
+        self._trainer: TrainerView | None = None
         self._eval_cache: tuple[int, dict[str, float]] | None = None
 
     # -- hooks -----------------------------------------------------------------------------------
-    def setup(self, trainer: Trainer) -> None:
+    def setup(self, trainer: TrainerView) -> None:
         s = self.cfg.swa
         spe = trainer.sampler.steps_per_epoch
         if spe is None:
@@ -217,19 +218,11 @@ class SWAExtension(Extension):
         self.ranges = owned_ranges(opt.layout.slots, opt.comm.world, opt.comm.rank)
         size = sum(r.chunk for r in self.ranges)
         self.avg = torch.zeros(size, dtype=opt.full_param.dtype, device=opt.full_param.device)
-        self._hook = opt.register_step_pre_hook(lambda *_: self._apply_lr(trainer))
-        self._apply_lr(trainer)
-
-    def after_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        if self.cfg.swa.lr is None:
-            return
-        used = self._swa_lrs(trainer, trainer.sampler.epoch_of(trainer.step - 1))
-        if used is not None:
-            metrics["lr"] = used[0]  # the loop read the lr before the step's pre-hook set it
-        if not trainer.sampler.is_epoch_end(trainer.step - 1):  # at an epoch end: after_epoch does it
+        if s.lr is not None:
+            trainer.schedule.set_override(self._lr_override)
             self._apply_lr(trainer)
 
-    def after_epoch(self, trainer: Trainer, epoch: int) -> None:
+    def after_epoch(self, trainer: TrainerView, epoch: int) -> None:
         s = self.cfg.swa
         if epoch >= s.start_epoch and (epoch - s.start_epoch) % s.every_epochs == 0:
             self.update(trainer.opt)
@@ -239,7 +232,7 @@ class SWAExtension(Extension):
             self.after_eval(trainer, metrics)
             trainer.tracker.log(metrics, step=trainer.step)
 
-    def after_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+    def after_eval(self, trainer: TrainerView, metrics: dict[str, float]) -> None:
         if self.n == 0:
             return
         if self._eval_cache is None or self._eval_cache[0] != self.n:
@@ -249,10 +242,7 @@ class SWAExtension(Extension):
         metrics.update(self._eval_cache[1])
         metrics["swa/n_averaged"] = self.n
 
-    def finish(self, trainer: Trainer) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+    def finish(self, trainer: TrainerView) -> None:
         if self.n == 0:
             if trainer.rank == 0:
                 print("dist-opt: swa: no epoch was averaged; swa_model.pt not written", file=sys.stderr)
@@ -298,7 +288,7 @@ class SWAExtension(Extension):
         torch._foreach_copy_(dst, src)
 
     @contextlib.contextmanager
-    def swapped_in(self, trainer: Trainer) -> Iterator[None]:
+    def swapped_in(self, trainer: TrainerView) -> Iterator[None]:
         """Inside the block the model holds the averaged weights (BatchNorm refreshed: ``swa.update_bn``)."""
         opt, model = trainer.opt, trainer.model
         live = opt.full_param.detach().clone()
@@ -318,12 +308,12 @@ class SWAExtension(Extension):
                     b.copy_(saved)
             model.train(was_training)
 
-    def averaged_model_state_dict(self, trainer: Trainer) -> dict[str, Tensor]:
+    def averaged_model_state_dict(self, trainer: TrainerView) -> dict[str, Tensor]:
         """The model's ``state_dict`` with the averaged weights, as CPU tensors (collective: all ranks)."""
         with self.swapped_in(trainer):
             return {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
 
-    def export(self, trainer: Trainer, path: Path) -> None:
+    def export(self, trainer: TrainerView, path: Path) -> None:
         """Write :meth:`averaged_model_state_dict` to ``path`` on rank 0 (atomically; collective)."""
         sd = self.averaged_model_state_dict(trainer)
         if trainer.rank == 0:
@@ -333,7 +323,7 @@ class SWAExtension(Extension):
             os.replace(tmp, path)
 
     # -- learning rate ---------------------------------------------------------------------------
-    def _swa_lrs(self, trainer: Trainer, epoch: int) -> list[float] | None:
+    def _swa_lrs(self, trainer: TrainerView, epoch: int) -> list[float] | None:
         s = self.cfg.swa
         if s.lr is None or epoch < s.start_epoch or self.base_lrs is None:
             return None
@@ -343,24 +333,25 @@ class SWAExtension(Extension):
             for b, m in zip(self.base_lrs, mults, strict=True)
         ]
 
-    def _apply_lr(self, trainer: Trainer) -> None:
-        """Set the lr of the next step (0-based ``trainer.step``) once its epoch is an SWA epoch."""
+    def _lr_override(self, lrs: list[float]) -> list[float]:
+        """The schedule's lrs, or SWALR's once the next step (0-based ``trainer.step``) is in an SWA
+        epoch and ``lr0`` is frozen (installed with ``schedule.set_override`` when ``swa.lr`` is set)."""
+        t = self._trainer
+        swa = None if t is None else self._swa_lrs(t, t.sampler.epoch_of(t.step))
+        return lrs if swa is None else swa
+
+    def _apply_lr(self, trainer: TrainerView) -> None:
+        """Freeze ``lr0`` (the schedule's lrs) once the next step is in an SWA epoch; the schedule then
+        writes the SWA lr of that step."""
         s = self.cfg.swa
-        if s.lr is None or trainer.sampler.epoch_of(trainer.step) < s.start_epoch:
+        if s.lr is None:
             return
-        groups = trainer.opt.param_groups
-        if self.base_lrs is None:
-            self.base_lrs = [float(g["lr"]) for g in groups]
-        lrs = self._swa_lrs(trainer, trainer.sampler.epoch_of(trainer.step))
-        assert lrs is not None
-        for g, lr in zip(groups, lrs, strict=True):
-            if isinstance(g["lr"], Tensor):
-                g["lr"].fill_(lr)
-            else:
-                g["lr"] = lr
+        if self.base_lrs is None and trainer.sampler.epoch_of(trainer.step) >= s.start_epoch:
+            self.base_lrs = [float(x) for x in trainer.schedule.lrs]
+        trainer.schedule.refresh()
 
     @staticmethod
-    def _loop_evaluates(trainer: Trainer) -> bool:
+    def _loop_evaluates(trainer: TrainerView) -> bool:
         """Whether the Trainer evaluates right after this step anyway (eval_every, or the final eval)."""
         every = trainer.cfg.train.eval_every
         return trainer.step >= trainer.total_steps or bool(every and trainer.step % every == 0)

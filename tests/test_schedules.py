@@ -225,6 +225,33 @@ def test_optimizer_step_uses_scheduled_lr():
     assert p.item() == pytest.approx(-sum(lr_trace(c, None, 20)), rel=1e-6)
 
 
+def test_override_composes_with_the_schedule_which_keeps_its_clock():
+    """The schedule stays the only writer of the lr: an override maps its lrs at every write, its own
+    lrs (and clock) go on underneath, and removing the override gives them back unchanged."""
+    c = cfg_of(name="cosine", warmup_steps=3, min_lr=0.001)
+    opt = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)]},
+                           {"params": [torch.zeros(1, requires_grad=True)], "lr_mult": 2.0}], lr=1.0)
+    sched = build_schedule(c, opt, None, 20)
+    own = lr_trace(c, None, 20)
+    written = []
+    for t in range(1, 21):
+        if t == 6:
+            sched.set_override(lambda lrs: [0.5 * x + 1.0 for x in lrs])
+        if t == 15:
+            sched.set_override(None)
+        written.append(opt.param_groups[0]["lr"])
+        assert sched.lrs[0] == own[t - 1]  # the schedule's own value whatever is written
+        sched.step()
+    assert written[:5] == own[:5] and written[14:] == own[14:]
+    assert written[5:14] == [0.5 * x + 1.0 for x in own[5:14]]
+    state = {"factor": 1.0}
+    sched.set_override(lambda lrs: [state["factor"] * x for x in lrs])
+    state["factor"] = 3.0
+    assert opt.param_groups[1]["lr"] == sched.lrs[1]  # written when the override was set
+    sched.refresh()  # the override's input changed: rewrite
+    assert [g["lr"] for g in opt.param_groups] == [3.0 * x for x in sched.lrs]
+
+
 # --- exact resume ----------------------------------------------------------------------------
 
 RESUME_CASES = {

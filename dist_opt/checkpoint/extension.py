@@ -40,6 +40,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.distributed as dist
 
 from dist_opt.checkpoint import store
@@ -50,7 +51,7 @@ from dist_opt.extensions import Extension
 
 if TYPE_CHECKING:
     from dist_opt.checkpoint import state as st
-    from dist_opt.train import Trainer
+    from dist_opt.extensions import TrainerView
 
 ENV_KILL_AT_STEP = "DIST_OPT_TEST_KILL_AT_STEP"
 ENV_KILL_IN_SAVE = "DIST_OPT_TEST_KILL_IN_SAVE"
@@ -110,7 +111,7 @@ class CheckpointExtension(Extension):
         c = self.cfg.checkpoint
         return bool(c.every_steps or c.every_epochs or c.at_end or self.cfg.resume.strip().lower() != "none")
 
-    def setup(self, trainer: Trainer) -> None:
+    def setup(self, trainer: TrainerView) -> None:
         self.rank, self.world = trainer.rank, trainer.world
         if not self.active:
             return
@@ -125,19 +126,19 @@ class CheckpointExtension(Extension):
             return
         self.load(trainer, folder)
 
-    def after_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def after_step(self, trainer: TrainerView, metrics: dict[str, Any]) -> None:
         every = self.cfg.checkpoint.every_steps
         if every and trainer.step % every == 0:
             self._due = "every_steps"
         if self._kill_at is not None and self._kill_at == (self.rank, trainer.step):
             _kill_self(f"{ENV_KILL_AT_STEP}: rank {self.rank} after step {trainer.step}")
 
-    def after_epoch(self, trainer: Trainer, epoch: int) -> None:
+    def after_epoch(self, trainer: TrainerView, epoch: int) -> None:
         every = self.cfg.checkpoint.every_epochs
         if every and (epoch + 1) % every == 0:
             self._due = "every_epochs"
 
-    def step_end(self, trainer: Trainer) -> None:
+    def step_end(self, trainer: TrainerView) -> None:
         """Called by the Trainer after all of a step's boundary work (the exact-resume point)."""
         due, self._due = self._due, None
         if due is None:
@@ -146,14 +147,14 @@ class CheckpointExtension(Extension):
             return  # ``finish`` saves this step after the final evaluation
         self.save(trainer, due)
 
-    def on_stop(self, trainer: Trainer, reason: str) -> None:
+    def on_stop(self, trainer: TrainerView, reason: str) -> None:
         """The run stops early: an agreed stop (preemption) or a non-finite storm (whose skipped steps
         left the parameters of the last applied step): save where it stopped."""
         if self.group is not None:
             self.save(trainer, "stop")
         self.wait()
 
-    def finish(self, trainer: Trainer) -> None:
+    def finish(self, trainer: TrainerView) -> None:
         if self.cfg.checkpoint.at_end and self.group is not None:
             self.save(trainer, "end")
         self.wait()
@@ -162,7 +163,7 @@ class CheckpointExtension(Extension):
         return {}
 
     # -- save ------------------------------------------------------------------------------------
-    def save(self, trainer: Trainer, reason: str) -> Path | None:
+    def save(self, trainer: TrainerView, reason: str) -> Path | None:
         """Save the state after ``trainer.step`` (collective). Returns the folder (being written if async)."""
         step = trainer.step
         if step == self._last_step:
@@ -290,7 +291,7 @@ class CheckpointExtension(Extension):
         files[".metadata"] = store.digest(folder / ".metadata")
         manifest = {
             "format": store.FORMAT, "version": store.VERSION, "step": snap.step, "reason": reason,
-            "world_size": self.world, "created_unix": time.time(), "torch": _torch_version(),
+            "world_size": self.world, "created_unix": time.time(), "torch": torch.__version__,
             "config": json.loads(json.dumps(to_dict(self.cfg), default=str)),
             "layout": snap.layout, "shared": snap.shared, "rule_state": union,
             "ranks": [p["per_rank"] for p in gathered], "files": files,
@@ -319,7 +320,7 @@ class CheckpointExtension(Extension):
             raise ConfigError(value, source)
         return None if value is None else Path(value)
 
-    def load(self, trainer: Trainer, folder: Path) -> None:
+    def load(self, trainer: TrainerView, folder: Path) -> None:
         """Validate ``folder`` against ``trainer`` and load it (collective)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -373,7 +374,6 @@ class CheckpointExtension(Extension):
             for n in notes:
                 _say(n)
 
-
     def _agree(self, problems: list[str], folder: Path) -> None:
         """Raise the same CheckpointError on every rank if any rank has problems (collective)."""
         everyone: list[Any] = [None] * self.world
@@ -395,9 +395,3 @@ def _say(msg: str) -> None:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__

@@ -221,8 +221,7 @@ def capture(trainer: Trainer, me: Any, mesh: DeviceMesh) -> Snapshot:
     shared_ext = {k: e.state_dict() for k, e in exts if not getattr(e, "checkpoint_per_rank", False)}
     rank_ext = {k: e.state_dict() for k, e in exts if getattr(e, "checkpoint_per_rank", False)}
     shared = {
-        "trainer": {"step": trainer.step, "samples": trainer.samples,
-                    "consecutive_skips": trainer.consecutive_skips, "run_id": trainer.run_id},
+        "trainer": trainer.state_dict(),
         "optimizer": {"applied_steps": opt.applied_steps, "skipped_steps": opt.skipped_steps,
                       "param_groups": [{k: v for k, v in g.items() if k != "params"}
                                        for g in opt.param_groups]},
@@ -450,12 +449,7 @@ def apply(trainer: Trainer, me: Any, plan: LoadPlan) -> list[str]:
         raise CheckpointError([f"optimizer/schedule state does not fit this run: {e}"]) from None
     if trainer.noise is not None and shared.get("noise") is not None:
         trainer.noise.load_state_dict(shared["noise"])
-    tr = shared["trainer"]
-    trainer.step = int(tr["step"])
-    trainer.samples = int(tr["samples"])
-    trainer.consecutive_skips = int(tr["consecutive_skips"])
-    trainer.run_id = tr["run_id"]
-    trainer.resumed_from_step = trainer.step
+    trainer.load_state_dict(shared["trainer"])
     saved_ext = {**shared.get("ext", {}), **per_rank.get("ext", {})}
     for key, ext in other_extensions(trainer, me):
         if key not in saved_ext:

@@ -9,6 +9,7 @@ resharded resume).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -35,6 +36,14 @@ class Task(ABC):
     @abstractmethod
     def train_batch(self, indices: torch.Tensor) -> Batch:
         """Training samples for int64 ``indices`` (a pure function of the indices and the seed)."""
+
+    def train_batches(self, index_batches: Iterable[torch.Tensor]) -> Iterator[Batch]:
+        """The training batches for a stream of index tensors, in order: the Trainer pulls one per
+        micro-step (this rank's indices of step t, micro-steps k = 0..accumulation-1, then step t+1, ...).
+        The default calls :meth:`train_batch` on each; override to load or prefetch differently (the
+        batches must stay those of ``train_batch``). The stream is restarted when a resume moves the step."""
+        for idx in index_batches:
+            yield self.train_batch(idx)
 
     @property
     @abstractmethod
