@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from dist_opt.dist.env import DistEnv, LaunchEnvError
+from dist_opt.dist.lifeline import watch_parent
 from dist_opt.dist.slurm import hostnames
 
 
@@ -78,6 +79,7 @@ def init_process_group(env: DistEnv, backend: str = "auto", timeout_s: float = 3
         return device
     timeout = timedelta(seconds=timeout_s)
     if env.is_launched:
+        watch_parent(label=f"dist-opt: rank {env.rank}")  # never outlive the launcher (SIGKILL included)
         addr, port = rendezvous_address(env)
     else:
         addr, port = "127.0.0.1", free_port()
