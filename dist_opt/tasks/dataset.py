@@ -52,14 +52,14 @@ MetricsFn = Callable[[Any, Any], dict[str, float]]
 
 
 class _IndexFeed:
-    """The DataLoader's batch sampler: each pass takes the index stream set last (lists of ints)."""
+    """The DataLoader's batch sampler: a pass reads the index stream (lists of ints) set last. The
+    stream is a one-shot iterator, so the repeated ``iter()`` calls of a DataLoader pass share it."""
 
     def __init__(self) -> None:
-        self.source: Iterable[list[int]] = ()
+        self.source: Iterator[list[int]] = iter(())
 
     def __iter__(self) -> Iterator[list[int]]:
-        source, self.source = self.source, ()
-        return iter(source)
+        return self.source
 
 
 def _seed_worker(worker_id: int) -> None:

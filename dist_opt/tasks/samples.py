@@ -108,8 +108,8 @@ def collate_problem(samples: list[Any], indices: Sequence[int], what: str, error
     for i, sample in zip(indices[1:], samples[1:], strict=True):
         why = _difference(samples[0], sample)
         if why is not None:
-            return (f"{what} sample {i}: {why} in {what} sample {indices[0]} (samples of a batch must match; "
-                    "pass collate_fn to pad or otherwise combine them)")
+            return (f"{what} sample {i}: {why} (in {what} sample {indices[0]}); the samples of a batch must "
+                    "match: pass collate_fn to pad or otherwise combine them")
     shown = ", ".join(map(str, indices[:8])) + (", ..." if len(indices) > 8 else "")
     lines = str(error).strip().splitlines() or [type(error).__name__]
     return f"{what} samples [{shown}]: cannot be batched: {lines[0]}"
