@@ -46,8 +46,12 @@ class TaskNameError(ConfigError, ValueError):
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+    """The first line of ``e``'s message; prefixed with its type unless it is an import/attribute error."""
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else ""
+    if isinstance(e, ImportError | AttributeError) and text:
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _cwd_on_path() -> None:
