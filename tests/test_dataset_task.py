@@ -327,3 +327,24 @@ def test_an_error_inside_the_dataset_keeps_its_traceback_and_names_the_sample():
         task.train_batch(torch.tensor([4, 5]))
     if hasattr(e.value, "__notes__"):
         assert "(while reading train sample 5)" in e.value.__notes__
+
+
+def test_loader_keys_in_the_config():
+    from dist_opt.config import ConfigError, load_config
+
+    d = load_config(None, ["data.num_workers=2", "data.prefetch_factor=4", "data.persistent_workers=true",
+                           "data.pin_memory=true"]).data
+    assert (d.num_workers, d.prefetch_factor, d.persistent_workers, d.pin_memory) == (2, 4, True, True)
+    assert load_config(None).data.num_workers == 0
+    for key in ("prefetch_factor=2", "persistent_workers=true"):
+        with pytest.raises(ConfigError, match=rf"data\.{key.split('=')[0]} needs data\.num_workers > 0"):
+            load_config(None, [f"data.{key}"])
+
+
+@pytest.mark.timeout(120)
+def test_pin_memory_without_an_accelerator_reads_the_same_batches(recwarn):
+    task = DatasetTask(linear, data())
+    task.configure_loader(DataConfig(num_workers=1, pin_memory=True), 0)
+    stream = [torch.arange(8), torch.arange(8, 16)]
+    assert_batches_equal(list(task.train_batches(stream)), [task.train_batch(i) for i in stream])
+    assert not [w for w in recwarn if "pin_memory" in str(w.message)]
