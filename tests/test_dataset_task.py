@@ -189,14 +189,14 @@ def test_custom_loss_metrics_and_several_inputs():
     assert len(batch) == 3
     assert torch.allclose(task.loss(model, batch), F.mse_loss(model(x, z), y))
     sums = task.eval_sums(model, batch)
-    assert sums["count"] == 30 and sums["loss_sum"] == pytest.approx(30 * float(F.mse_loss(model(x, z), y)), rel=1e-5)
+    assert sums["count"] == 30 and sums["loss_sum"] == pytest.approx(30 * F.mse_loss(model(x, z), y).item(), rel=1e-5)
 
     def abs_sums(out, target):
         return {"loss_sum": (out - target).abs().sum(), "count": len(target)}
 
     task = DatasetTask(TwoInputs, ds, ds, loss_fn=nn.L1Loss(), metrics_fn=abs_sums)
     sums = task.eval_sums(model, batch)
-    assert sums["loss_sum"] == pytest.approx(float((model(x, z) - y).abs().sum()), rel=1e-5)
+    assert sums["loss_sum"] == pytest.approx((model(x, z) - y).abs().sum().item(), rel=1e-5)
     assert isinstance(sums["count"], float)
 
 
@@ -215,6 +215,26 @@ def test_sequence_outputs_use_per_token_cross_entropy():
     logits = model(x)
     assert torch.allclose(task.loss(model, (x, y)), F.cross_entropy(logits.reshape(-1, 11), y.reshape(-1)))
     assert task.eval_sums(model, (x, y))["count"] == 24 and task.tokens_per_sample == 6
+
+
+def test_class_scores_in_dim_1_follow_torch_layout():
+    class Pixels(Dataset):
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, i: int):
+            return torch.full((1, 3, 3), float(i)), (torch.arange(9).reshape(3, 3) + i) % 4
+
+    task = DatasetTask(lambda: nn.Conv2d(1, 4, 1), Pixels(), Pixels())
+    model = task.build_model()
+    x, y = task.train_batch(torch.arange(8))
+    assert torch.allclose(task.loss(model, (x, y)), F.cross_entropy(model(x), y))
+    sums = task.eval_sums(model, (x, y))
+    assert sums["count"] == 72 and sums["loss_sum"] == pytest.approx(
+        F.cross_entropy(model(x), y, reduction="sum").item(), rel=1e-5)
+    from dist_opt.tasks import DatasetTask as exported
+
+    assert exported is DatasetTask
 
 
 def test_collate_fn_pads_samples_of_different_lengths():

@@ -130,3 +130,12 @@ def cross_entropy_sums(logits: torch.Tensor, targets: torch.Tensor) -> dict[str,
     loss_sum = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
     correct = (logits.argmax(dim=-1) == targets).sum()
     return {"loss_sum": float(loss_sum), "count": float(targets.numel()), "correct": float(correct)}
+
+
+def __getattr__(name: str) -> Any:
+    """``dist_opt.tasks.DatasetTask``, imported on first use (it imports this module's helpers)."""
+    if name == "DatasetTask":
+        from dist_opt.tasks.dataset import DatasetTask
+
+        return DatasetTask
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,11 +17,13 @@ torch's global CPU RNG seeded from the task seed (``seed``, else the run seed ha
 ``model_fn`` works as well.
 
 Loss: ``loss_fn(output, target)`` -> the mean loss over the batch (a scalar with grad; any
-``torch.nn`` criterion such as ``nn.MSELoss()`` fits). Default: cross-entropy over the last dim of
-the output (class scores; a (N, T, C) output is flattened to N*T rows, as in language modelling).
+``torch.nn`` criterion such as ``nn.MSELoss()`` fits). Default: cross-entropy of class scores
+against integer class targets, averaged over every predicted position: a (N, C) output against
+(N,) targets, a (N, T, C) output against (N, T) (language modelling: N*T rows) or, as torch lays it
+out, a (N, C, H, W) output against (N, H, W).
 Evaluation sums: ``metrics_fn(output, target)`` -> ``{"loss_sum", "count"[, "correct"]}`` summed
-over the batch. Default: summed cross-entropy, row count and correct argmax predictions with the
-default loss; ``loss_fn(output, target) * N`` and N with a custom loss. ``has_accuracy`` says
+over the batch. Default: summed cross-entropy, number of positions and correct argmax predictions
+with the default loss; ``loss_fn(output, target) * N`` and N with a custom loss. ``has_accuracy`` says
 whether ``correct`` is meaningful (default: only with the default loss and metrics).
 
 Reading: :meth:`DatasetTask.train_batches` reads through a ``torch.utils.data.DataLoader`` whose
@@ -82,8 +84,12 @@ def _check_batch(batch: Batch) -> None:
 
 
 def _rows(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class scores (rows, C) and targets (rows,): a (N, ..., C) output is flattened over its leading dims."""
+    """Class scores (rows, C) and targets (rows,). An output of more than 2 dims holds its classes in
+    the last dim when the target's shape is the output's without it ((N, T, C) vs (N, T)), else in
+    dim 1 as torch's cross-entropy expects ((N, C, H, W) vs (N, H, W))."""
     if output.dim() > 2:
+        if tuple(target.shape) != tuple(output.shape[:-1]):
+            output = output.movedim(1, -1)
         return output.reshape(-1, output.shape[-1]), target.reshape(-1)
     return output, target
 
