@@ -1,13 +1,14 @@
-"""``dist-opt`` command line: train, launch, schedule, report."""
+"""``dist-opt`` command line: train, launch, schedule, report, init; ``--version``."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-USAGE = """usage: dist-opt COMMAND ...
+USAGE = """usage: dist-opt COMMAND ... | --version
 
 commands:
+  init [NAME] [--out FILE] [--force] [--list] write a starter config (default quickstart)
   train CONFIG [k=v ...] [--print-config]   train (under a launcher, or starting distributed.nproc local ranks)
   launch [options] CONFIG [k=v ...]         start ranks on one or many nodes (torchrun|deepspeed|mpirun|slurm|local)
   schedule CONFIG [k=v ...] [--plot PNG]    show the learning-rate schedule of a config
@@ -20,6 +21,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE, end="")
         return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        from dist_opt._version import version
+
+        print(f"dist-opt {version()}")
+        return 0
     cmd, rest = args[0], args[1:]
     if cmd == "train":
         from dist_opt.train import main as train_main
@@ -33,6 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dist_opt.schedule_cli import main as schedule_main
 
         return schedule_main(rest)
+    if cmd == "init":
+        from dist_opt.init_cli import main as init_main
+
+        return init_main(rest)
     if cmd == "report":
         from dist_opt.report import main as report_main
 

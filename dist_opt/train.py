@@ -55,8 +55,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def validate_for_world(cfg: Config, world: int) -> None:
     from dist_opt.integrations import check_engine
+    from dist_opt.tasks import check_task  # imports a task given by import path: fails before ranks start
 
-    problems = cfg.check_world(world) + check_engine(cfg, world)
+    problems = cfg.check_world(world) + check_engine(cfg, world) + check_task(cfg.task)
     if problems:
         raise ConfigError(problems)
 

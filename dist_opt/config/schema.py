@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -33,9 +35,17 @@ class RunConfig(Section):
     """Seed of model init, data order and every rank's RNG (0 to 2**53 - 1)."""
 
 
+BUILTIN_TASKS = ("stdlib_lm", "digits", "synthetic")
+"""Names of the built-in tasks (their implementations: ``dist_opt.tasks.TASKS``)."""
+TASK_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+"""``package.module:attribute`` (the attribute may be dotted: ``module:Outer.build``)."""
+
+
 class TaskConfig(Section):
-    name: Literal["stdlib_lm", "digits", "synthetic"] = "digits"
-    """Built-in task: stdlib_lm (byte-level GPT on Python's stdlib source), digits (MLP on sklearn's 8x8 digits), synthetic (teacher-student stream)."""
+    name: str = "digits"
+    """Built-in task: stdlib_lm (byte-level GPT on Python's stdlib source), digits (MLP on sklearn's 8x8 digits), synthetic (teacher-student stream); or your own as an import path 'package.module:attribute' naming a Task subclass or a function returning a Task (called with (task_config, seed))."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Free mapping for your own task (task.name = module:attribute), read as task_config.options; built-in tasks ignore it."""
     # stdlib_lm
     seq_len: PosInt = 64
     """stdlib_lm: tokens (bytes) per sample."""
@@ -68,6 +78,15 @@ class TaskConfig(Section):
     eval_size: PosInt = 2048
     """synthetic: size of the held-out eval set."""
 
+    @field_validator("name")
+    @classmethod
+    def _task_name(cls, name: str) -> str:
+        if name in BUILTIN_TASKS or TASK_IMPORT_PATH.fullmatch(name):
+            return name
+        raise PydanticCustomError(
+            "task_name", "Input should be a built-in task ({names}) or an import path 'package.module:attribute'",
+            {"names": ", ".join(BUILTIN_TASKS)})
+
     @model_validator(mode="after")
     def _heads_divide(self) -> TaskConfig:
         if self.name == "stdlib_lm" and self.d_model % self.n_heads:
@@ -80,6 +99,22 @@ class DataConfig(Section):
     """Samples per optimizer step over all ranks and micro-steps (B = micro_batch x accumulation x world)."""
     micro_batch: PosInt = 32
     """Samples per rank per forward/backward."""
+    num_workers: NonNegInt = 0
+    """DataLoader worker processes per rank for tasks that read through a DataLoader (DatasetTask; built-in tasks ignore the data loader keys). 0: read in the training process."""
+    pin_memory: bool = False
+    """DataLoader: copy batches into page-locked memory (faster host-to-GPU copies; only when CUDA is available)."""
+    prefetch_factor: PosInt | None = None
+    """DataLoader: batches each worker loads ahead (None: torch's default, 2; needs data.num_workers > 0)."""
+    persistent_workers: bool = False
+    """DataLoader: keep the worker processes alive between passes over the data (needs data.num_workers > 0)."""
+
+    @model_validator(mode="after")
+    def _loader_needs_workers(self) -> DataConfig:
+        if self.num_workers == 0:
+            for key in ("prefetch_factor", "persistent_workers"):
+                if getattr(self, key):
+                    raise ValueError(f"data.{key} needs data.num_workers > 0")
+        return self
 
 
 class TrainConfig(Section):

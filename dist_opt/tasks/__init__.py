@@ -1,46 +1,36 @@
-"""Built-in tasks and the registry that builds one from ``task.*`` config.
+"""Tasks: the built-in ones, your own by import path (``task.name: module:attribute``, see
+:mod:`dist_opt.tasks.registry`) and :class:`~dist_opt.tasks.dataset.DatasetTask` for a
+``torch.utils.data.Dataset``.
 
 Tasks are imported lazily, so scikit-learn (the ``tasks`` extra) is only needed for ``digits``.
 The small helpers here (seed derivation, RNG-free model construction, moving a batch to the
-model's device) are shared by the built-in tasks.
+model's device, an eval-mode forward pass) are shared by the tasks.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from dist_opt.tasks.base import Batch, Task
-
-if TYPE_CHECKING:
-    from dist_opt.config.schema import TaskConfig
+from dist_opt.tasks.registry import (
+    TASKS,
+    TaskNameError,
+    build_task,
+    check_task,
+    configure_loader,
+    resolve_task,
+)
 
 __all__ = [
-    "TASKS", "Batch", "Task", "build_task", "check_indices", "cross_entropy_sums", "default_init_", "derive_seed",
-    "new_generator", "on_meta", "to_model_device",
+    "TASKS", "Batch", "Task", "TaskNameError", "build_task", "check_indices", "check_task", "configure_loader",
+    "cross_entropy_sums", "default_init_", "derive_seed", "eval_forward", "new_generator", "on_meta",
+    "resolve_task", "to_model_device",
 ]
-
-TASKS: dict[str, str] = {
-    "stdlib_lm": "dist_opt.tasks.stdlib_lm:StdlibLMTask",
-    "digits": "dist_opt.tasks.digits:DigitsTask",
-    "synthetic": "dist_opt.tasks.synthetic:SyntheticTask",
-}
-"""Task name -> "module:class" of its implementation."""
-
-
-def build_task(cfg: TaskConfig, seed: int) -> Task:
-    """The task named ``cfg.name``, built from ``cfg`` and the run seed."""
-    target = TASKS.get(cfg.name)
-    if target is None:
-        raise ValueError(f"task.name: unknown task {cfg.name!r} (choose from {', '.join(sorted(TASKS))})")
-    module_name, cls_name = target.split(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(cfg, seed)
 
 
 def derive_seed(seed: int, *keys: object) -> int:
@@ -67,13 +57,37 @@ def on_meta(build: Callable[[], M]) -> M:
     return module.to_empty(device="cpu")
 
 
-def to_model_device(batch: Batch, model: nn.Module) -> tuple[torch.Tensor, ...]:
-    """Move the tensors of ``batch`` to the device of ``model``'s first parameter (no-op on CPU)."""
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if type(obj) in (list, tuple):
+        return type(obj)(_to(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def to_model_device(batch: Batch, model: nn.Module) -> tuple[Any, ...]:
+    """Move the tensors of ``batch`` (also inside lists, tuples and dicts) to the device of ``model``'s
+    first parameter (no-op on CPU); returns a tuple of the batch's elements."""
     try:
         device = next(model.parameters()).device
     except StopIteration:
         return tuple(batch)
-    return tuple(t.to(device, non_blocking=True) for t in batch)
+    return tuple(_to(t, device) for t in batch)
+
+
+@torch.no_grad()
+def eval_forward(model: nn.Module, batch: Batch) -> tuple[Any, Any]:
+    """(model output, target) for ``batch`` = (inputs..., target): ``model(*inputs)`` on the model's
+    device with the model in eval mode; its train/eval mode is restored afterwards."""
+    *inputs, target = to_model_device(batch, model)
+    was_training = model.training
+    model.eval()
+    try:
+        return model(*inputs), target
+    finally:
+        model.train(was_training)
 
 
 def check_indices(indices: torch.Tensor, size: int | None, what: str) -> torch.Tensor:
@@ -116,3 +130,12 @@ def cross_entropy_sums(logits: torch.Tensor, targets: torch.Tensor) -> dict[str,
     loss_sum = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
     correct = (logits.argmax(dim=-1) == targets).sum()
     return {"loss_sum": float(loss_sum), "count": float(targets.numel()), "correct": float(correct)}
+
+
+def __getattr__(name: str) -> Any:
+    """``dist_opt.tasks.DatasetTask``, imported on first use (it imports this module's helpers)."""
+    if name == "DatasetTask":
+        from dist_opt.tasks.dataset import DatasetTask
+
+        return DatasetTask
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,6 +22,7 @@ from dist_opt.tasks import (
     check_indices,
     cross_entropy_sums,
     default_init_,
+    eval_forward,
     new_generator,
     on_meta,
     to_model_device,
@@ -139,10 +140,4 @@ class DigitsTask(Task):
     @torch.no_grad()
     def eval_sums(self, model: nn.Module, batch: Batch) -> dict[str, float]:
         """Per-sample cross-entropy summed, sample count, correct argmax predictions (model in eval mode)."""
-        x, y = to_model_device(batch, model)
-        was_training = model.training
-        model.eval()
-        try:
-            return cross_entropy_sums(model(x), y)
-        finally:
-            model.train(was_training)
+        return cross_entropy_sums(*eval_forward(model, batch))

@@ -36,7 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_opt.config.schema import TaskConfig
-from dist_opt.tasks import check_indices, cross_entropy_sums, new_generator, on_meta, to_model_device
+from dist_opt.tasks import (
+    check_indices,
+    cross_entropy_sums,
+    eval_forward,
+    new_generator,
+    on_meta,
+    to_model_device,
+)
 from dist_opt.tasks.base import Batch, Task
 
 VOCAB = 256
@@ -233,11 +240,5 @@ class StdlibLMTask(Task):
     @torch.no_grad()
     def eval_sums(self, model: nn.Module, batch: Batch) -> dict[str, float]:
         """Sums over TOKENS: per-token cross-entropy summed, token count, correct next-byte predictions."""
-        x, y = to_model_device(batch, model)
-        was_training = model.training
-        model.eval()
-        try:
-            logits = model(x)
-        finally:
-            model.train(was_training)
+        logits, y = eval_forward(model, batch)
         return cross_entropy_sums(logits.reshape(-1, VOCAB), y.reshape(-1))

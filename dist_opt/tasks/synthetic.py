@@ -37,6 +37,7 @@ from dist_opt.tasks import (
     cross_entropy_sums,
     default_init_,
     derive_seed,
+    eval_forward,
     new_generator,
     on_meta,
     to_model_device,
@@ -208,13 +209,8 @@ class SyntheticTask(Task):
     @torch.no_grad()
     def eval_sums(self, model: nn.Module, batch: Batch) -> dict[str, float]:
         """Summed per-sample loss (cross-entropy or squared error), count, and correct (classification)."""
-        x, y = to_model_device(batch, model)
-        was_training = model.training
-        model.eval()
-        try:
-            out = model(x).float()
-        finally:
-            model.train(was_training)
+        out, y = eval_forward(model, batch)
+        out = out.float()
         if self.cfg.kind == "classification":
             return cross_entropy_sums(out, y)
         return {"loss_sum": float(F.mse_loss(out, y, reduction="sum")), "count": float(y.numel())}
