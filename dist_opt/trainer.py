@@ -97,7 +97,7 @@ class Trainer:
         from dist_opt.engine.build import build_engine
         from dist_opt.noise_scale import NoiseScale
         from dist_opt.schedules import build_schedule, scaled_lr
-        from dist_opt.tasks import build_task
+        from dist_opt.tasks import build_task, configure_loader
 
         self.cfg, self.device = cfg, device
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -106,6 +106,7 @@ class Trainer:
         self.run_dir = Path(cfg.run.out_dir)
         torch.manual_seed(cfg.run.seed * 1000 + self.rank)
         self.task = task if task is not None else build_task(cfg.task, cfg.run.seed)
+        configure_loader(self.task, cfg.data, cfg.run.seed)  # DataLoader settings and run seed, where used
         self.model = self.task.build_model().to(device)
         self.sampler = GlobalBatchSampler(self.task.train_size, cfg.data.global_batch, cfg.run.seed)
         spe = self.sampler.steps_per_epoch
@@ -209,7 +210,8 @@ class Trainer:
                     self.schedule.epoch_end()
                     for ext in self.extensions:
                         ext.after_epoch(self, self.sampler.epoch_of(self.step - 1))
-                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.total_steps:
+                if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.total_steps
+                        and self.task.eval_size > 0):
                     eval_metrics = self.evaluate_and_log()
                     self.schedule.on_eval(eval_metrics["eval/loss"])
                 for ext in self.extensions:  # the step's boundary work is done: the exact-resume point
@@ -317,6 +319,9 @@ class Trainer:
 
     # -- evaluation and the end of the run --------------------------------------------------------
     def evaluate_and_log(self) -> dict[str, float]:
+        """Evaluate, let the extensions add to it, log it; nothing when the task has no held-out data."""
+        if self.task.eval_size == 0:
+            return {}
         metrics = self.evaluate()
         for ext in self.extensions:
             ext.after_eval(self, metrics)
