@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from dist_opt.config import Config, ConfigError, dump_yaml
 from dist_opt.data.sampler import GlobalBatchSampler
+from dist_opt.engine.buffers import BufferSync, convert_sync_batchnorm
 from dist_opt.evaluation import evaluate
 
 if TYPE_CHECKING:
@@ -108,6 +109,11 @@ class Trainer:
         self.task = task if task is not None else build_task(cfg.task, cfg.run.seed)
         configure_loader(self.task, cfg.data, cfg.run.seed)  # DataLoader settings and run seed, where used
         self.model = self.task.build_model().to(device)
+        if cfg.model.sync_batchnorm:
+            try:
+                self.model = convert_sync_batchnorm(self.model, device)
+            except ValueError as e:
+                raise ConfigError([str(e)]) from None
         self.sampler = GlobalBatchSampler(self.task.train_size, cfg.data.global_batch, cfg.run.seed)
         spe = self.sampler.steps_per_epoch
         if cfg.train.steps is not None:
@@ -120,6 +126,7 @@ class Trainer:
         self.model, self.opt = build_engine(cfg, self.model, scaled_lr(cfg, cfg.data.global_batch),
                                             track_local_grad_norm=track)
         self.schedule = build_schedule(cfg, self.opt, spe, self.total_steps)
+        self.buffer_sync = BufferSync(self.model) if cfg.model.broadcast_buffers and self.world > 1 else None
         self.noise = NoiseScale(cfg.tracking.noise_scale_ema) if track else None
         self.step = 0  # optimizer steps done (applied or skipped)
         self.samples = 0
@@ -274,6 +281,8 @@ class Trainer:
         lr = self.opt.param_groups[0]["lr"]
         applied = self.opt.step()
         self.opt.zero_grad()
+        if self.buffer_sync is not None and not self.buffer_sync.empty:
+            self.buffer_sync.sync()  # rank 0's BatchNorm statistics everywhere (model.broadcast_buffers)
         # a signal may set stop_requested at any moment: the loop acts only on the agreed value
         loss_sum = torch.cat([loss_sum, torch.tensor([float(self.stop_requested)], dtype=torch.float64)])
         dist.all_reduce(loss_sum)  # mean loss over the global batch, and: does any rank want to stop?

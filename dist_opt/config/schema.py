@@ -94,6 +94,13 @@ class TaskConfig(Section):
         return self
 
 
+class ModelConfig(Section):
+    broadcast_buffers: bool = True
+    """Copy rank 0's buffers (BatchNorm running statistics...) to every rank after each step, like DDP's broadcast_buffers, so every rank holds the same model."""
+    sync_batchnorm: bool = False
+    """Convert BatchNorm layers to torch.nn.SyncBatchNorm (batch statistics over all ranks' micro-batches; CUDA only)."""
+
+
 class DataConfig(Section):
     global_batch: PosInt = 64
     """Samples per optimizer step over all ranks and micro-steps (B = micro_batch x accumulation x world)."""
@@ -341,6 +348,7 @@ class DeepSpeedConfig(Section):
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=100))
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
