@@ -190,8 +190,9 @@ def _optimizer_fields() -> dict[str, Any]:
     return fields
 
 
-OptimizerConfig = create_model("OptimizerConfig", __base__=_OptimizerBase, __module__=__name__,
-                               **_optimizer_fields())
+OptimizerConfig = create_model(
+    "OptimizerConfig", __base__=_OptimizerBase, __module__=__name__, **_optimizer_fields(),
+    __doc__="optimizer.*: the generic keys plus one typed field per key any registered optimizer reads.")
 
 
 class ScheduleConfig(Section):

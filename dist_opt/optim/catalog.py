@@ -4,6 +4,10 @@ Defaults are the papers' / torch.optim's, never the source text's pseudo-code: A
 (0.9, 0.999), eps 1e-8, bias correction on; LAMB eps 1e-6 with v from g²; LARS with a global lr;
 Shampoo (0.9, 1.0) where beta2 = 1 sums the statistics AdaGrad-style. The rule classes live in
 ``elementwise`` (torch.optim kernels), ``trust`` (LARS, LAMB) and ``shampoo``. Imports no torch.
+
+``optimizer.nesterov`` is Shampoo's NAdam-style first moment. Nesterov SGD is its own name,
+``optimizer.name=nesterov``; ``name=momentum`` with ``nesterov`` set is refused (a hint says to use the
+name) rather than silently running plain momentum or quietly changing the name's meaning.
 """
 
 from __future__ import annotations

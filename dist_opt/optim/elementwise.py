@@ -74,16 +74,20 @@ class Adagrad(Rule):
             )
 
 
-class RMSProp(Rule):
-    def __init__(self, *, alpha: float, eps: float, momentum: float, centered: bool):
-        self.alpha, self.eps, self.momentum, self.centered = alpha, eps, momentum, centered
-        names = ["square_avg"] + (["grad_avg"] if centered else []) + (["momentum_buffer"] if momentum else [])
-        self.state_names = tuple(names)
+class _CountsSteps(Rule):
+    """A rule whose torch kernel keeps a step count per piece (next to the zero-filled state)."""
 
     def init_state(self, pieces: Sequence[Tensor]) -> dict[str, list[Tensor]]:
         st = super().init_state(pieces)
         st["step"] = _steps(pieces)
         return st
+
+
+class RMSProp(_CountsSteps):
+    def __init__(self, *, alpha: float, eps: float, momentum: float, centered: bool):
+        self.alpha, self.eps, self.momentum, self.centered = alpha, eps, momentum, centered
+        names = ["square_avg"] + (["grad_avg"] if centered else []) + (["momentum_buffer"] if momentum else [])
+        self.state_names = tuple(names)
 
     def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
         for g in groups:
@@ -95,7 +99,7 @@ class RMSProp(Rule):
             )
 
 
-class Adam(Rule):
+class Adam(_CountsSteps):
     """Adam (L2 decay) or AdamW (decoupled decay), Kingma & Ba with bias correction."""
 
     def __init__(self, *, betas: tuple[float, float], eps: float, decoupled: bool, amsgrad: bool,
@@ -105,11 +109,6 @@ class Adam(Rule):
         self.decoupled_weight_decay = decoupled
         self.fused = fused
         self.state_names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
-
-    def init_state(self, pieces: Sequence[Tensor]) -> dict[str, list[Tensor]]:
-        st = super().init_state(pieces)
-        st["step"] = _steps(pieces)
-        return st
 
     def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
         for g in groups:
