@@ -47,11 +47,11 @@ class SignSGD(Rule):
 
 
 # the one registration line (its own module would do it at import)
-SPEC = RuleSpec("signsgd", SignSGD, "signSGD / Signum.", hyper={"momentum": 0.0}, elementwise=True)
+SIGNSGD = RuleSpec("signsgd", SignSGD, "signSGD / Signum.", hyper={"momentum": 0.0}, elementwise=True)
 
 
 def _register() -> None:
-    register_rule(SPEC, replace=True)  # also in spawned ranks, which import this module afresh
+    register_rule(SIGNSGD, replace=True)  # also in spawned ranks, which import this module afresh
 
 
 @pytest.fixture(autouse=True)
