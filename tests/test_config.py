@@ -27,7 +27,11 @@ CASES = [
     ({"data": {"micro_batch": -4}}, [], "data.micro_batch: Input should be greater than 0"),
     ({"data": {"micro_batch": 0}}, [], "data.micro_batch: Input should be greater than 0"),
     ({}, ["optimizer.lr=nan"], "optimizer.lr: Input should be a finite number"),
-    ({}, ["optimizer.name=adamww"], "optimizer.name: Input should be"),
+    ({}, ["optimizer.name=adamww"], "optimizer.name: unknown optimizer; expected one of: sgd, momentum"),
+    ({}, ["optimizer.name=momentum", "optimizer.nesterov=true"],
+     "optimizer.nesterov: does not apply to optimizer.name=momentum; for Nesterov momentum set optimizer.name=nesterov"),
+    ({"optimizer": {"name": "adam", "momentum": 0.9}}, [], "optimizer.momentum: does not apply to optimizer.name=adam"),
+    ({"optimizer": {"name": "sgd"}}, ["optimizer.dampening=0.5"], "optimizer.dampening: does not apply to optimizer"),
     ({}, ["task.name=imagenet"], "task.name: Input should be"),
     ({}, ["data.global_batch=10", "data.micro_batch=4"], "data.global_batch: 10 is not divisible"),
     ({}, ["distributed.nproc=3"], "data.global_batch: 8 is not divisible by data.micro_batch x world size = 4 x 3"),
@@ -110,3 +114,64 @@ def test_schema_documents_every_field():
                 yield f"{prefix}{name}", f.description
     missing = [k for k, d in walk(Config) if not d]
     assert not missing, f"config keys without a docstring: {missing}"
+
+
+def test_every_inapplicable_key_is_refused_by_name():
+    """For every optimizer, setting any optimizer.* key it does not read is an error naming the key."""
+    from dist_opt.optim.registry import declared_keys, rule_names, rule_spec
+
+    for name in rule_names():
+        for key in sorted(set(declared_keys()) - set(rule_spec(name).keys)):
+            with pytest.raises(ConfigError) as e:
+                load_config(None, [f"optimizer.name={name}", f"optimizer.{key}={NON_DEFAULT[key]}"])
+            assert e.value.problems == [e.value.problems[0]], e.value.problems
+            assert e.value.problems[0].startswith(f"optimizer.{key}: does not apply to optimizer.name={name}")
+
+
+def test_only_set_keys_count_and_defaults_are_accepted():
+    """Unset keys never trip the check; a key set to its default (as in a config.yaml that lists every
+    key) is accepted; several inapplicable keys give one line each."""
+    assert load_config(None, ["optimizer.name=lamb"]).optimizer.name == "lamb"
+    load_config(None, ["optimizer.name=adamw", "optimizer.alpha=0.99", "optimizer.momentum=null"])
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["optimizer.name=adamw", "optimizer.alpha=0.5", "optimizer.centered=true"])
+    assert [p.split(":")[0] for p in e.value.problems] == ["optimizer.alpha", "optimizer.centered"]
+
+
+def test_applicable_keys_reach_the_rule_and_nothing_else_is_passed():
+    from dist_opt.engine.build import rule_from_config, rule_hyper
+    from dist_opt.optim.registry import rule_names, rule_spec
+
+    for name in rule_names():
+        cfg = load_config(None, [f"optimizer.name={name}"])
+        assert set(rule_hyper(cfg.optimizer)) == set(rule_spec(name).keys)
+        rule_from_config(cfg.optimizer)
+    rule = rule_from_config(load_config(None, ["optimizer.name=rmsprop", "optimizer.alpha=0.5"]).optimizer)
+    assert rule.alpha == 0.5 and rule.eps == 1e-8
+    rule = rule_from_config(load_config(None, ["optimizer.name=nesterov", "optimizer.momentum=0.8"]).optimizer)
+    assert rule.nesterov is True and rule.momentum == 0.8
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "rmsprop", "adam", "lars", "lamb", "shampoo"])
+def test_dumped_config_loads_again_for_every_optimizer(tmp_path, name):
+    cfg = load_config(None, [f"optimizer.name={name}"])
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert load_config(path).optimizer == cfg.optimizer
+
+
+#: a valid value other than the default for every optimizer key
+NON_DEFAULT = {
+    "momentum": "0.5", "dampening": "0.5", "betas": "[0.5, 0.5]", "eps": "0.5", "alpha": "0.5", "centered": "true",
+    "lr_decay": "0.5", "initial_accumulator_value": "0.5", "amsgrad": "true", "bias_correction": "false",
+    "trust_coefficient": "0.5", "lars_denominator": "tf", "trust_clip": "[0, 5]", "max_preconditioner_dim": "8",
+    "precondition_frequency": "3", "start_preconditioning_step": "3", "exponent_override": "0.5",
+    "grafting": "sgd", "grafting_beta2": "0.5", "grafting_eps": "0.5", "preconditioner_dtype": "float64",
+    "nesterov": "true",
+}
+
+
+def test_every_optimizer_key_has_a_sample_value():
+    from dist_opt.optim.registry import declared_keys
+
+    assert set(NON_DEFAULT) == set(declared_keys())

@@ -3,7 +3,8 @@ with Hypothesis. Every bad case ends with exit code 2, ``config error:`` / ``dis
 that name the field (or file and line), and nothing written.
 
 Each generated config is broken on purpose in exactly one known place (wrong type, unknown key,
-negative or zero size, NaN/inf, unknown optimizer/task/schedule name, a value nested into a value),
+negative or zero size, NaN/inf, unknown optimizer/task/schedule name, a value nested into a value, a valid
+value for a key the optimizer does not read),
 so the test knows which field the message must name. The base config is a valid one-rank, one-step
 run, so a case that were wrongly accepted would fail the exit-code check rather than hang.
 Examples are derandomized (the same ones every run: a reproducible CI).
@@ -57,11 +58,15 @@ POSITIVE = ["data.global_batch", "data.micro_batch", "train.steps", "train.epoch
             "optimizer.precondition_frequency", "train.max_consecutive_skips", "task.eval_size"]
 NON_NEGATIVE = ["run.seed", "train.eval_every", "checkpoint.every_steps", "schedule.warmup_steps"]
 FINITE_POSITIVE = ["optimizer.lr", "distributed.timeout_s", "distributed.bucket_mb", "schedule.gamma"]
+#: valid, non-default values of keys adamw does not read
+NOT_ADAMW = {"optimizer.momentum": 0.5, "optimizer.dampening": 0.5, "optimizer.alpha": 0.5, "optimizer.centered": True,
+             "optimizer.trust_coefficient": 0.5, "optimizer.grafting": "sgd", "optimizer.max_preconditioner_dim": 8,
+             "optimizer.nesterov": True, "optimizer.lr_decay": 0.5}
 BOOL_WORDS = {"0", "1", "true", "false", "yes", "no", "on", "off", "t", "f", "y", "n"}
 
 
 def test_the_curated_fields_exist():
-    for key in [*CHOICES, *POSITIVE, *NON_NEGATIVE, *FINITE_POSITIVE]:
+    for key in [*CHOICES, *POSITIVE, *NON_NEGATIVE, *FINITE_POSITIVE, *NOT_ADAMW]:
         assert key in LEAVES, key
 
 
@@ -81,7 +86,7 @@ WORDS = st.text(string.ascii_letters + "_-", min_size=1, max_size=12).filter(
 @st.composite
 def mutations(draw) -> tuple[str, Any, str]:
     """(dotted key, bad value, the key the error must name)."""
-    kind = draw(st.sampled_from(["type", "unknown", "size", "nonneg", "nonfinite", "choice", "nested"]))
+    kind = draw(st.sampled_from(["type", "unknown", "size", "nonneg", "nonfinite", "choice", "nested", "inapplicable"]))
     if kind == "type":
         key = draw(st.sampled_from(sorted(LEAVES)))
         default = LEAVES[key]
@@ -110,6 +115,9 @@ def mutations(draw) -> tuple[str, Any, str]:
     if kind == "nonfinite":
         key = draw(st.sampled_from(FINITE_POSITIVE))
         return key, draw(st.sampled_from([float("nan"), float("inf"), float("-inf"), 0.0, -1e-3])), key
+    if kind == "inapplicable":  # the base config's optimizer is the default, adamw
+        key = draw(st.sampled_from(sorted(NOT_ADAMW)))
+        return key, NOT_ADAMW[key], key
     if kind == "choice":
         key = draw(st.sampled_from(sorted(CHOICES)))
         return key, draw(WORDS), key

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from dist_opt.checkpoint import codec
 from dist_opt.checkpoint.errors import CheckpointError
+from dist_opt.optim.registry import structural_keys
 
 try:
     from torch.distributed.tensor import DTensor, Shard
@@ -54,8 +55,6 @@ if TYPE_CHECKING:
     from dist_opt.train import Trainer
 
 MAX_PROBLEMS = 20  # mismatches listed when a checkpoint does not fit
-# optimizer config keys that change the shape of the saved state (a mismatch is refused)
-STRUCTURAL_KEYS = ("name", "amsgrad", "max_preconditioner_dim", "grafting", "preconditioner_dtype")
 
 
 def _copy(t: Tensor) -> Tensor:
@@ -167,7 +166,8 @@ def describe(trainer: Trainer) -> dict[str, Any]:
     return {
         "params": params, "states": states, "optimizer": opt.name, "zero_stage": opt.zero_stage,
         "shard_world": opt.layout.world, "param_groups": [list(g.get("names", [])) for g in opt.param_groups],
-        "optimizer_config": {k: getattr(o, k, None) for k in STRUCTURAL_KEYS},
+        # the optimizer.* keys that change the shape of the saved state (its declaration says which)
+        "optimizer_config": {k: getattr(o, k, None) for k in structural_keys(o.name)},
         "task": trainer.cfg.task.name, "global_batch": trainer.cfg.data.global_batch,
         "seed": trainer.cfg.run.seed,
     }
@@ -288,11 +288,9 @@ def plan_load(trainer: Trainer, me: Any, manifest: dict[str, Any], md: Metadata)
 
     if saved["task"] != here["task"]:
         problems.append(f"task.name: checkpoint has {saved['task']!r}, config has {here['task']!r}")
-    for k in STRUCTURAL_KEYS:
-        a, b = saved["optimizer_config"].get(k), here["optimizer_config"].get(k)
-        relevant = k == "name" or (k == "amsgrad" and here["optimizer"] in ("adam", "adamw")) or (
-            here["optimizer"] == "shampoo" and k != "amsgrad")
-        if a != b and relevant:
+    for k, b in here["optimizer_config"].items():  # a key the checkpoint did not record is not compared
+        a = saved["optimizer_config"].get(k, b)
+        if a != b:
             problems.append(f"optimizer.{k}: checkpoint has {a!r}, config has {b!r}")
 
     def need(key: str, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> bool:

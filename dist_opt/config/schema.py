@@ -12,8 +12,18 @@ import re
 import signal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
+
+from dist_opt.optim.spec import declared_keys, inapplicable, key_defaults, rule_names, rule_spec
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -161,68 +171,71 @@ class TrainConfig(Section):
         return self
 
 
-class OptimizerConfig(Section):
-    name: Literal[
-        "sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "lars", "lamb", "shampoo"
-    ] = "adamw"
-    """Optimizer. Defaults of every hyper-parameter come from its paper / torch.optim."""
+class _OptimizerBase(Section):
+    """optimizer.*: the optimizer and the keys every optimizer accepts. Each optimizer's own keys
+    (``_optimizer_fields``) come from its declaration (``dist_opt.optim.catalog``)."""
+
+    name: str = Field("adamw", description=(
+        f"Optimizer: {', '.join(rule_names())}. Defaults of every hyper-parameter come from its paper / "
+        "torch.optim. Setting a key the optimizer does not read is an error."))
     lr: PosFloat = 1e-3
     """Base learning rate (before schedule and scale rule)."""
-    weight_decay: NonNegFloat = 0.0
-    """L2 (sgd family, adagrad, rmsprop, adam, lars) or decoupled (adamw, lamb, shampoo) weight decay."""
-    momentum: Beta | None = None
-    """Momentum: momentum/nesterov default 0.9, lars default 0.9, rmsprop default 0."""
-    dampening: Unit = 0.0
-    """SGD dampening (torch.optim.SGD)."""
-    betas: tuple[Beta, Beta] | None = None
-    """(beta1, beta2): adam/adamw/lamb (0.9, 0.999); shampoo (0.9, 1.0) where beta2 = 1 means AdaGrad-style sums."""
-    eps: PosFloat | None = None
-    """Epsilon: adam/adamw/rmsprop 1e-8, adagrad 1e-10, lamb 1e-6, shampoo 1e-12."""
-    alpha: Beta = 0.99
-    """RMSProp smoothing constant."""
-    centered: bool = False
-    """RMSProp: centered variant."""
-    lr_decay: NonNegFloat = 0.0
-    """Adagrad lr decay."""
-    initial_accumulator_value: NonNegFloat = 0.0
-    """Adagrad initial accumulator."""
-    amsgrad: bool = False
-    """Adam/AdamW: AMSGrad."""
-    bias_correction: bool = True
-    """Adam-type bias correction (Kingma & Ba). Turning it off is only an option."""
-    trust_coefficient: PosFloat = 0.001
-    """LARS trust coefficient eta."""
-    lars_denominator: Literal["paper", "tf"] = "paper"
-    """LARS trust-ratio denominator: paper ||g|| + wd||p||, tf ||g + wd p|| (MLPerf reference)."""
-    trust_clip: tuple[NonNegFloat, PosFloat] | None = None
-    """LAMB: clamp phi(||p||) to [low, high], e.g. [0, 10]. None: phi(z) = z."""
+    weight_decay: NonNegFloat = Field(0.0, description=(
+        f"L2 ({', '.join(n for n in rule_names() if not rule_spec(n).decoupled_weight_decay)}) or decoupled "
+        f"({', '.join(n for n in rule_names() if rule_spec(n).decoupled_weight_decay)}) weight decay."))
     exclude_from_weight_decay: list[str] = Field(default_factory=lambda: ["bias", "norm", "bn", "ln"])
-    """Name substrings/regexes of parameters without weight decay (1-D parameters are always excluded for lars/lamb)."""
-    exclude_from_trust_ratio: list[str] = Field(default_factory=lambda: ["bias", "norm", "bn", "ln"])
-    """Name patterns of parameters whose trust ratio is 1 (lars/lamb); 1-D parameters are always excluded."""
+    """Name substrings/regexes of parameters without weight decay (1-D parameters are always excluded)."""
+    exclude_from_trust_ratio: list[str] = Field(default_factory=lambda: ["bias", "norm", "bn", "ln"], description=(
+        "Name patterns of parameters whose trust ratio is 1 "
+        f"({', '.join(n for n in rule_names() if rule_spec(n).trust_ratio)}); 1-D parameters are always excluded."))
     lr_multipliers: dict[str, PosFloat] = Field(default_factory=dict)
     """Per-group lr multipliers: {name regex: multiplier}; the first matching pattern wins."""
     max_grad_norm: PosFloat | None = None
     """Global gradient-norm clipping on the reduced gradient over all shards (None: off)."""
-    # shampoo
-    max_preconditioner_dim: PosInt = 1024
-    """Shampoo: split dims larger than this into blocks; merge small dims up to it."""
-    precondition_frequency: PosInt = 20
-    """Shampoo: recompute root inverses every k steps."""
-    start_preconditioning_step: PosInt = 1
-    """Shampoo: use the graft step before this step."""
-    exponent_override: PosFloat | None = None
-    """Shampoo: root exponent override (default 1/(2k) for order-k blocks)."""
-    grafting: Literal["adam", "adagrad", "rmsprop", "sgd", "none"] = "adam"
-    """Shampoo: grafting method (per-block norm of the graft step)."""
-    grafting_beta2: Unit = 0.999
-    """Shampoo: beta2 of the graft method."""
-    grafting_eps: PosFloat = 1e-8
-    """Shampoo: epsilon of the graft method."""
-    preconditioner_dtype: Literal["float32", "float64"] = "float32"
-    """Shampoo: dtype of statistics and root inverses."""
-    nesterov: bool = False
-    """Shampoo: Nesterov form of the betas[0] gradient average (NAdam-style; Shampoo ignores optimizer.momentum)."""
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name not in rule_names():
+            raise PydanticCustomError("unknown_optimizer", "unknown optimizer; expected one of: {names}",
+                                      {"names": ", ".join(rule_names())})
+        return name
+
+    @field_validator("*")
+    @classmethod
+    def _applies(cls, value: Any, info: ValidationInfo) -> Any:
+        """A key set (in the file, an override or the constructor) for an optimizer that does not read
+        it is an error; keys left unset never are. A key set to its default value is accepted: config.yaml
+        files written before this check list every key."""
+        name = info.data.get("name")
+        why = None if name is None else inapplicable(name, info.field_name)
+        if why is not None and value != cls.model_fields[info.field_name].default:
+            raise PydanticCustomError("inapplicable_key", "{why}", {"why": why})
+        return value
+
+
+def _optimizer_fields() -> dict[str, Any]:
+    """One typed field per declared optimizer key: its default is the optimizers' common default, or
+    None (= each optimizer's own) where they differ; its description names who reads it."""
+    fields: dict[str, Any] = {}
+    for key in declared_keys().values():
+        defaults = key_defaults(key.name)
+        if not defaults:
+            continue
+        by_default: dict[str, list[str]] = {}
+        for opt, d in defaults.items():
+            by_default.setdefault(repr(d), []).append(opt)
+        common = len(by_default) == 1
+        default = next(iter(defaults.values())) if common else None
+        who = ", ".join(defaults) if common else "; ".join(f"{', '.join(o)}: {d}" for d, o in by_default.items())
+        ann = key.type if default is not None else key.type | None
+        fields[key.name] = (ann, Field(default, description=f"{key.doc} Read by: {who}."))
+    return fields
+
+
+OptimizerConfig = create_model(
+    "OptimizerConfig", __base__=_OptimizerBase, __module__=__name__, **_optimizer_fields(),
+    __doc__="optimizer.*: the generic keys plus one typed field per key any registered optimizer reads.")
 
 
 class ScheduleConfig(Section):

@@ -6,24 +6,30 @@ from typing import Any
 
 from torch import nn
 
-from dist_opt.config.schema import Config
+from dist_opt.config.schema import Config, OptimizerConfig
 from dist_opt.engine.sharded import ShardedOptimizer
+from dist_opt.optim.base import Rule
+from dist_opt.optim.registry import build_rule, rule_spec
 
-RULE_KEYS = ("momentum", "dampening", "betas", "eps", "alpha", "centered", "lr_decay", "initial_accumulator_value",
-             "amsgrad", "bias_correction", "trust_coefficient", "lars_denominator", "trust_clip",
-             "max_preconditioner_dim", "precondition_frequency", "start_preconditioning_step", "exponent_override",
-             "grafting", "grafting_beta2", "grafting_eps", "preconditioner_dtype", "nesterov")
+
+def rule_hyper(o: OptimizerConfig) -> dict[str, Any]:
+    """The optimizer.* values the chosen optimizer's rule reads: exactly the keys it declares."""
+    return {k: getattr(o, k, None) for k in rule_spec(o.name).keys}
+
+
+def rule_from_config(o: OptimizerConfig) -> Rule:
+    """The update rule ``optimizer.*`` describes (engines other than the native one use this)."""
+    return build_rule(o.name, **rule_hyper(o))
 
 
 def build_optimizer(model: nn.Module, cfg: Config, lr: float, track_local_grad_norm: bool = False) -> ShardedOptimizer:
     o = cfg.optimizer
-    hyper = {k: getattr(o, k) for k in RULE_KEYS}
     return ShardedOptimizer(
         model.named_parameters(), o.name, lr=lr, weight_decay=o.weight_decay,
         zero_stage=cfg.distributed.zero_stage, bucket_mb=cfg.distributed.bucket_mb,
         max_grad_norm=o.max_grad_norm, exclude_from_weight_decay=o.exclude_from_weight_decay,
         exclude_from_trust_ratio=o.exclude_from_trust_ratio, lr_multipliers=o.lr_multipliers,
-        track_local_grad_norm=track_local_grad_norm, **hyper,
+        track_local_grad_norm=track_local_grad_norm, **rule_hyper(o),
     )
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from dist_opt.config.schema import Config
+from dist_opt.optim.spec import rule_spec
 
 
 def check_engine(cfg: Config, world: int | None = None) -> list[str]:
@@ -91,12 +92,12 @@ def check_engine_combination(cfg: Config, world: int | None = None) -> list[str]
                 f"distributed.zero_stage: {stage} does not apply to distributed.engine=fsdp2, which "
                 "always shards parameters, gradients and optimizer state (ZeRO-3); leave it at 0"
             )
-        if name == "shampoo":
+        if rule_spec(name).whole_tensors:
             problems.append(
-                "optimizer.name: shampoo is not supported with distributed.engine=fsdp2: its "
-                "preconditioner blocks span the dim-0 shards FSDP2 gives each rank, so every step "
-                "would have to gather whole parameters and gradients; use engine native or "
-                "deepspeed with distributed.zero_stage=0"
+                f"optimizer.name: {name} is not supported with distributed.engine=fsdp2: it works on whole "
+                "parameters (e.g. Shampoo's preconditioner blocks), which span the dim-0 shards FSDP2 gives "
+                "each rank, so every step would have to gather whole parameters and gradients; use engine "
+                "native or deepspeed with distributed.zero_stage=0"
             )
         if cfg.deepspeed.config:
             problems.append("deepspeed.config: set but distributed.engine is fsdp2")

@@ -69,10 +69,14 @@ UNSUPPORTED_SECTIONS = {
 
 def check_deepspeed_config(cfg: Config) -> list[str]:
     """Problems of a deepspeed-engine config, without importing deepspeed."""
+    from dist_opt.optim.spec import rule_spec
+
     problems = []
     stage, name = cfg.distributed.zero_stage, cfg.optimizer.name
-    if stage > 0 and name in ("lars", "lamb", "shampoo"):
-        what = "per-layer trust ratios" if name != "shampoo" else "whole-parameter preconditioner blocks"
+    spec = rule_spec(name)
+    if stage > 0 and not spec.elementwise:  # only an elementwise rule can update a flat partition
+        what = ("per-layer trust ratios" if spec.trust_ratio else "whole-parameter preconditioner blocks"
+                if spec.whole_tensors else "a non-elementwise update")
         problems.append(
             f"optimizer.name: {name} is not supported with distributed.engine=deepspeed at "
             f"distributed.zero_stage={stage}: DeepSpeed's ZeRO-{stage} flattens all parameters of a group "
@@ -167,8 +171,7 @@ def build_deepspeed(
     cfg: Config, model: nn.Module, lr: float, track_local_grad_norm: bool = False
 ) -> tuple[nn.Module, DeepSpeedOptimizer]:
     """``deepspeed.initialize`` with a dist-opt client optimizer; returns (model, optimizer adapter)."""
-    from dist_opt.engine.build import RULE_KEYS
-    from dist_opt.optim.registry import build_rule
+    from dist_opt.engine.build import rule_from_config
 
     world = dist.get_world_size()
     ds_cfg = deepspeed_config(cfg, world)
@@ -184,7 +187,7 @@ def build_deepspeed(
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     _skip_shm_kernel_build()
     o = cfg.optimizer
-    rule = build_rule(o.name, **{k: getattr(o, k) for k in RULE_KEYS})
+    rule = rule_from_config(o)
     common = dict(
         lr=lr,
         weight_decay=o.weight_decay,

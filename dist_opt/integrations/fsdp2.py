@@ -63,9 +63,8 @@ def build_fsdp2(
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    from dist_opt.engine.build import RULE_KEYS
+    from dist_opt.engine.build import rule_from_config
     from dist_opt.integrations import check_engine_combination
-    from dist_opt.optim.registry import build_rule
 
     world = dist.get_world_size()
     problems = check_engine_combination(cfg, world) + cfg.check_world(world)
@@ -85,7 +84,7 @@ def build_fsdp2(
             m.set_force_sum_reduction_for_comms(True)  # sum, then divide once (never a pre-divide or AVG)
             m.set_gradient_divide_factor(float(world * accum))
     o = cfg.optimizer
-    rule = build_rule(o.name, **{k: getattr(o, k) for k in RULE_KEYS})
+    rule = rule_from_config(o)
     opt = FSDP2Optimizer(
         model,
         rule,

@@ -3,9 +3,8 @@
 For elementwise rules a shard piece is just a smaller tensor, so torch.optim's functional
 kernels (foreach, or fused where torch has a CPU/GPU fused kernel) give torch.optim's exact
 semantics (first-step momentum clone, Adagrad lr decay, RMSProp centered/momentum, AMSGrad)
-at torch's speed. The text's errata (Adam defaults, bias correction) are handled in the
-defaults, see ``dist_opt.optim.registry``. Adam without bias correction, which torch lacks,
-is written out here.
+at torch's speed. Hyper-parameters have no defaults here: each optimizer's are declared once, in
+``dist_opt.optim.catalog``. Adam without bias correction, which torch lacks, is written out here.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ def _fused_ok(pieces: Sequence[Tensor]) -> bool:
 class SGD(Rule):
     """SGD, heavy-ball momentum (PyTorch form b = μb + (1-τ)g) and Nesterov; L2 weight decay."""
 
-    def __init__(self, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False):
+    def __init__(self, *, momentum: float, dampening: float, nesterov: bool):
         self.momentum, self.dampening, self.nesterov = momentum, dampening, nesterov
         self.state_names = ("momentum_buffer",) if momentum else ()
 
@@ -60,7 +59,7 @@ class SGD(Rule):
 class Adagrad(Rule):
     state_names = ("sum",)
 
-    def __init__(self, eps: float = 1e-10, lr_decay: float = 0.0, initial_accumulator_value: float = 0.0):
+    def __init__(self, *, eps: float, lr_decay: float, initial_accumulator_value: float):
         self.eps, self.lr_decay, self.init_acc = eps, lr_decay, initial_accumulator_value
 
     def init_state(self, pieces: Sequence[Tensor]) -> dict[str, list[Tensor]]:
@@ -75,16 +74,20 @@ class Adagrad(Rule):
             )
 
 
-class RMSProp(Rule):
-    def __init__(self, alpha: float = 0.99, eps: float = 1e-8, momentum: float = 0.0, centered: bool = False):
-        self.alpha, self.eps, self.momentum, self.centered = alpha, eps, momentum, centered
-        names = ["square_avg"] + (["grad_avg"] if centered else []) + (["momentum_buffer"] if momentum else [])
-        self.state_names = tuple(names)
+class _CountsSteps(Rule):
+    """A rule whose torch kernel keeps a step count per piece (next to the zero-filled state)."""
 
     def init_state(self, pieces: Sequence[Tensor]) -> dict[str, list[Tensor]]:
         st = super().init_state(pieces)
         st["step"] = _steps(pieces)
         return st
+
+
+class RMSProp(_CountsSteps):
+    def __init__(self, *, alpha: float, eps: float, momentum: float, centered: bool):
+        self.alpha, self.eps, self.momentum, self.centered = alpha, eps, momentum, centered
+        names = ["square_avg"] + (["grad_avg"] if centered else []) + (["momentum_buffer"] if momentum else [])
+        self.state_names = tuple(names)
 
     def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
         for g in groups:
@@ -96,20 +99,16 @@ class RMSProp(Rule):
             )
 
 
-class Adam(Rule):
+class Adam(_CountsSteps):
     """Adam (L2 decay) or AdamW (decoupled decay), Kingma & Ba with bias correction."""
 
-    def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, decoupled: bool = False,
-                 amsgrad: bool = False, bias_correction: bool = True, fused: bool | None = None):
-        self.betas, self.eps, self.amsgrad, self.bias_correction = betas, eps, amsgrad, bias_correction
+    def __init__(self, *, betas: tuple[float, float], eps: float, decoupled: bool, amsgrad: bool,
+                 bias_correction: bool, fused: bool | None = None):
+        b1, b2 = betas
+        self.betas, self.eps, self.amsgrad, self.bias_correction = (b1, b2), eps, amsgrad, bias_correction
         self.decoupled_weight_decay = decoupled
         self.fused = fused
         self.state_names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
-
-    def init_state(self, pieces: Sequence[Tensor]) -> dict[str, list[Tensor]]:
-        st = super().init_state(pieces)
-        st["step"] = _steps(pieces)
-        return st
 
     def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
         for g in groups:

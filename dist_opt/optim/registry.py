@@ -1,7 +1,12 @@
-"""Optimizer names -> update rules, with the papers' / torch.optim's defaults.
+"""The optimizer registry: public names to declare, look up and build optimizers.
 
-Defaults never come from the source text's pseudo-code (SPEC §9): Adam betas (0.9, 0.999),
-eps 1e-8, bias correction on; LAMB eps 1e-6 with v from g²; LARS with a global lr.
+Each optimizer is declared once as a :class:`RuleSpec` (built-ins: ``dist_opt.optim.catalog``); the
+config schema, the engines' checks, checkpoints and :func:`build_rule` all read the declaration
+(see ``dist_opt.optim.spec``). Adding one::
+
+    register_rule(RuleSpec("signsgd", "mypkg.signsgd:SignSGD", hyper={"momentum": 0.0}, elementwise=True))
+
+Also here: which parameter group (weight decay, trust ratio, lr multiplier) a parameter joins.
 """
 
 from __future__ import annotations
@@ -14,44 +19,51 @@ from typing import Any
 from torch import nn
 
 from dist_opt.optim.base import Rule
-from dist_opt.optim.elementwise import SGD, Adagrad, Adam, RMSProp
-from dist_opt.optim.trust import LAMB, LARS
+from dist_opt.optim.spec import (
+    GENERIC_KEYS,
+    Key,
+    RuleSpec,
+    declare_key,
+    declared_keys,
+    inapplicable,
+    register_rule,
+    rule_kwargs,
+    rule_names,
+    rule_spec,
+    structural_keys,
+    unregister_rule,
+)
 
-NAMES = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "lars", "lamb", "shampoo")
+__all__ = ["GENERIC_KEYS", "GroupKey", "Key", "RuleSpec", "build_rule", "declare_key", "declared_keys", "group_key",
+           "inapplicable", "register_rule", "rule_kwargs", "rule_names", "rule_spec", "structural_keys",
+           "unregister_rule"]
+
+#: capability of the declaration -> the attribute of the built rule the engines read
+_CAPABILITIES = {"trust_ratio": "uses_trust_ratio", "whole_tensors": "replicated_pieces",
+                 "decoupled_weight_decay": "decoupled_weight_decay"}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "NAMES":  # the registered names, read when asked (earlier versions had a fixed tuple)
+        return rule_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_rule(name: str, **hp: Any) -> Rule:
-    """A rule by name. ``hp`` uses the optimizer.* config keys; None means the default."""
-
-    def get(key: str, default: Any) -> Any:
-        v = hp.get(key)
-        return default if v is None else v
-
-    if name == "sgd":
-        return SGD(momentum=0.0)
-    if name in ("momentum", "nesterov"):
-        return SGD(momentum=get("momentum", 0.9), dampening=get("dampening", 0.0), nesterov=name == "nesterov")
-    if name == "adagrad":
-        return Adagrad(eps=get("eps", 1e-10), lr_decay=get("lr_decay", 0.0),
-                       initial_accumulator_value=get("initial_accumulator_value", 0.0))
-    if name == "rmsprop":
-        return RMSProp(alpha=get("alpha", 0.99), eps=get("eps", 1e-8), momentum=get("momentum", 0.0),
-                       centered=get("centered", False))
-    if name in ("adam", "adamw"):
-        return Adam(betas=tuple(get("betas", (0.9, 0.999))), eps=get("eps", 1e-8), decoupled=name == "adamw",
-                     amsgrad=get("amsgrad", False), bias_correction=get("bias_correction", True))
-    if name == "lars":
-        return LARS(momentum=get("momentum", 0.9), trust_coefficient=get("trust_coefficient", 0.001),
-                    denominator=get("lars_denominator", "paper"))
-    if name == "lamb":
-        clip = hp.get("trust_clip")
-        return LAMB(betas=tuple(get("betas", (0.9, 0.999))), eps=get("eps", 1e-6),
-                    bias_correction=get("bias_correction", True), trust_clip=tuple(clip) if clip else None)
-    if name == "shampoo":
-        from dist_opt.optim.shampoo import build_shampoo  # noqa: PLC0415 (optional heavy module)
-
-        return build_shampoo(**hp)
-    raise ValueError(f"optimizer.name: unknown optimizer {name!r} (expected one of {', '.join(NAMES)})")
+    """The rule of optimizer ``name``. ``hp`` are optimizer.* config values; None or absent means the
+    declared default. Generic keys (lr, weight_decay, ...) are ignored (the engine applies them); a
+    value for a key ``name`` does not read raises ValueError."""
+    if name not in rule_names():
+        raise ValueError(f"optimizer.name: unknown optimizer {name!r} (expected one of {', '.join(rule_names())})")
+    spec = rule_spec(name)
+    rule = spec.factory()(**rule_kwargs(name, hp))
+    if not isinstance(rule, Rule):
+        raise TypeError(f"optimizer {name!r}: {spec.rule!r} built a {type(rule).__name__}, not a Rule")
+    for cap, attr in _CAPABILITIES.items():
+        if bool(getattr(rule, attr)) != getattr(spec, cap):
+            raise TypeError(f"optimizer {name!r}: declared {cap}={getattr(spec, cap)} but its rule has "
+                            f"{attr}={getattr(rule, attr)}")
+    return rule
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,10 @@ class LARS(Rule):
 
     uses_trust_ratio = True
 
-    def __init__(self, momentum: float = 0.9, trust_coefficient: float = 0.001, denominator: str = "paper"):
-        if denominator not in ("paper", "tf"):
-            raise ValueError(f"lars denominator must be 'paper' or 'tf', got {denominator!r}")
-        self.momentum, self.eta, self.denominator = momentum, trust_coefficient, denominator
+    def __init__(self, *, momentum: float, trust_coefficient: float, lars_denominator: str):
+        if lars_denominator not in ("paper", "tf"):
+            raise ValueError(f"optimizer.lars_denominator: must be 'paper' or 'tf', got {lars_denominator!r}")
+        self.momentum, self.eta, self.denominator = momentum, trust_coefficient, lars_denominator
         self.state_names = ("momentum_buffer",) if momentum else ()
 
     def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
@@ -91,9 +91,11 @@ class LAMB(Rule):
     decoupled_weight_decay = True
     state_names = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 bias_correction: bool = True, trust_clip: tuple[float, float] | None = None):
-        self.betas, self.eps, self.bias_correction, self.trust_clip = betas, eps, bias_correction, trust_clip
+    def __init__(self, *, betas: tuple[float, float], eps: float, bias_correction: bool,
+                 trust_clip: tuple[float, float] | None):
+        b1, b2 = betas
+        clip = tuple(trust_clip) if trust_clip else None
+        self.betas, self.eps, self.bias_correction, self.trust_clip = (b1, b2), eps, bias_correction, clip
 
     def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
         b1, b2 = self.betas
@@ -107,7 +109,7 @@ class LAMB(Rule):
             torch._foreach_lerp_(m, g.grads, 1 - b1)
             torch._foreach_mul_(v, b2)
             torch._foreach_addcmul_(v, g.grads, g.grads, 1 - b2)
-            # bias correction into temporaries; m and v themselves are never rescaled (SPEC §9)
+            # bias correction into temporaries; m and v themselves are never rescaled (Alg. 2)
             denom = torch._foreach_sqrt(v)
             torch._foreach_div_(denom, bc2_sqrt)
             torch._foreach_add_(denom, self.eps)

@@ -1,12 +1,10 @@
 """Distributed Shampoo as an engine rule: blocks owned by ranks, grafting, one all-gather per step.
 
-Update of one block with gradient G at step t (SPEC §5; β1, β2 = ``betas``):
+Update of one block with gradient G at step t (Gupta et al. 2018; Anil et al. 2020; β1, β2 = ``betas``):
 
-    m = β1·m + (1-β1)·G;  M = m/(1-β1^t)            first moment on G ("filtered gradient")
-        nesterov: M = β1·m/(1-β1^(t+1)) + (1-β1)·G/(1-β1^t)   (NAdam with a constant β1)
+    M = first moment of G ("filtered gradient", bias-corrected; nesterov: NAdam form)
     H_i = β2·H_i + (1-β2)·G_(i)·G_(i)ᵀ              one statistic per block dim (β2 = 1: H_i += ...)
-    D_graft = M / (√A + ε_g)                        graft state A from G² (adam: bias-corrected
-                                                    EMA, rmsprop: EMA, adagrad: sum; sgd/none: D_graft = M)
+    D_graft = M / (√A + ε_g)                        graft state A from G² (``grafting``)
     t >= start:  D = ‖D_graft‖/‖D_sh‖ · D_sh,  D_sh = M ×_1 R_1 … ×_k R_k,  R_i = (H_i + εI)^(-1/(2k))
                  (2-D: D_sh = L^{-1/4}·M·R^{-1/4}; grafting "none": D = D_sh)
     t <  start:  D = D_graft
@@ -27,6 +25,8 @@ the parameters — so parameters stay bit-identical across ranks. Root refreshes
 owners, so their cost is spread like the rest. On refresh steps one more small all-reduce
 collects the health statistics ``shampoo/root_failures`` (cumulative) and
 ``shampoo/max_condition`` (largest condition estimate of any preconditioner statistic).
+
+Hyper-parameter defaults are declared once, with the optimizer, in ``dist_opt.optim.catalog``.
 """
 
 from __future__ import annotations
@@ -34,62 +34,23 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from dist_opt.optim.base import GroupShard, Rule, StepContext
+from dist_opt.optim.registry import build_rule, rule_spec
 from dist_opt.optim.shampoo.assignment import assign, block_cost
 from dist_opt.optim.shampoo.blocking import Block, LayerBlocking, block_layer, block_view
-from dist_opt.optim.shampoo.matrix_root import gram_update_, inverse_root, symmetrize_
+from dist_opt.optim.shampoo.blocks import BlockInfo, BlockState, factor_names, load_block, save_block
+from dist_opt.optim.shampoo.grafting import GRAFTS, STATEFUL_GRAFTS, first_moment, graft_direction
+from dist_opt.optim.shampoo.matrix_root import gram_update_, inverse_root
 
-GRAFTS = ("adam", "adagrad", "rmsprop", "sgd", "none")
+__all__ = ["DTYPES", "GRAFTS", "BlockInfo", "BlockState", "Shampoo", "build_shampoo", "factor_names"]
+
+_D = rule_spec("shampoo").hyper  # the declared defaults
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def factor_names(order: int) -> tuple[str, ...]:
-    """State names of a block's statistics: L (order 1), L/R (order 2), H0..H{k-1} (order k >= 3)."""
-    if order == 1:
-        return ("L",)
-    if order == 2:
-        return ("L", "R")
-    return tuple(f"H{i}" for i in range(order))
-
-
-@dataclass(frozen=True)
-class BlockInfo:
-    """One block of the global plan (every rank knows every block)."""
-
-    key: str  # "{layer name}/{block index}", independent of the world size
-    slot: int  # layer (slot) index
-    group: int  # position of the layer in the step's groups
-    piece: int
-    layer: LayerBlocking
-    block: Block
-    owner: int
-    offset: int  # into the owner's send buffer
-
-    @property
-    def diagonal(self) -> bool:
-        return self.layer.diagonal
-
-
-@dataclass
-class BlockState:
-    """What the owner of a block keeps."""
-
-    factors: list[Tensor]  # H_i, preconditioner dtype; only the lower triangle is maintained
-    roots: list[Tensor | None]  # (H_i + εI)^(-e); None = identity (never refreshed)
-    momentum: Tensor | None  # first moment m (param dtype), if β1 > 0
-    graft: Tensor | None  # graft second moment A (param dtype), adam/rmsprop/adagrad
-    root_failures: int = 0
-    condition: list[float] = field(default_factory=list)  # latest estimate per factor (1.0 = identity)
-
-    def tensors(self) -> list[Tensor]:
-        out = list(self.factors) + [r for r in self.roots if r is not None]
-        return out + [t for t in (self.momentum, self.graft) if t is not None]
 
 
 class Shampoo(Rule):
@@ -98,11 +59,14 @@ class Shampoo(Rule):
     replicated_pieces = True
     decoupled_weight_decay = True
 
-    def __init__(self, betas: tuple[float, float] = (0.9, 1.0), eps: float = 1e-12, max_preconditioner_dim: int = 1024,
-                 precondition_frequency: int = 20, start_preconditioning_step: int = 1,
-                 exponent_override: float | None = None, grafting: str = "adam", grafting_beta2: float = 0.999,
-                 grafting_eps: float = 1e-8, preconditioner_dtype: str = "float32", nesterov: bool = False,
-                 bias_correction: bool = True):
+    def __init__(self, betas: tuple[float, float] = _D["betas"], eps: float = _D["eps"],
+                 max_preconditioner_dim: int = _D["max_preconditioner_dim"],
+                 precondition_frequency: int = _D["precondition_frequency"],
+                 start_preconditioning_step: int = _D["start_preconditioning_step"],
+                 exponent_override: float | None = _D["exponent_override"], grafting: str = _D["grafting"],
+                 grafting_beta2: float = _D["grafting_beta2"], grafting_eps: float = _D["grafting_eps"],
+                 preconditioner_dtype: str = _D["preconditioner_dtype"], nesterov: bool = _D["nesterov"],
+                 bias_correction: bool = _D["bias_correction"]):
         b1, b2 = (float(b) for b in betas)
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 <= 1.0):
             raise ValueError(f"optimizer.betas: need 0 <= beta1 < 1 and 0 <= beta2 <= 1, got {tuple(betas)}")
@@ -194,7 +158,7 @@ class Shampoo(Rule):
         factors = [] if b.diagonal else [torch.zeros(d, d, dtype=self.pdtype, device=ref.device) for d in shape]
         momentum = torch.zeros(shape, dtype=ref.dtype, device=ref.device) if self.betas[0] > 0 else None
         graft = (torch.zeros(shape, dtype=ref.dtype, device=ref.device)
-                 if self.grafting in ("adam", "rmsprop", "adagrad") else None)
+                 if self.grafting in STATEFUL_GRAFTS else None)
         return BlockState(factors, [None] * len(factors), momentum, graft, 0, [1.0] * len(factors))
 
     # -- step -------------------------------------------------------------------------------------
@@ -230,8 +194,9 @@ class Shampoo(Rule):
         grad_b = block_view(grad, b.layer, b.block)
         grad_b = grad_b if grad_b.is_contiguous() else grad_b.contiguous()
         grad_b = grad_b.view(b.block.shape)
-        m = self._first_moment(st, grad_b, t)
-        d_graft = self._graft(st, grad_b, m, t)
+        m = first_moment(st.momentum, grad_b, t, self.betas[0], self.nesterov, self.bias_correction)
+        d_graft = graft_direction(self.grafting, st.graft, grad_b, m, t, self.graft_beta2, self.graft_eps,
+                                  self.bias_correction)
         if b.diagonal:
             d = d_graft
         else:
@@ -253,33 +218,6 @@ class Shampoo(Rule):
         else:
             new.copy_(p)
         new.add_(d, alpha=-lr)
-
-    def _first_moment(self, st: BlockState, grad: Tensor, t: int) -> Tensor:
-        b1 = self.betas[0]
-        if st.momentum is None:
-            return grad
-        st.momentum.lerp_(grad, 1.0 - b1)
-        bc = self.bias_correction
-        if self.nesterov:
-            c_m = b1 / (1.0 - b1 ** (t + 1)) if bc else b1
-            c_g = (1.0 - b1) / (1.0 - b1**t) if bc else 1.0 - b1
-            return torch.add(st.momentum * c_m, grad, alpha=c_g)
-        return st.momentum / (1.0 - b1**t) if bc else st.momentum
-
-    def _graft(self, st: BlockState, grad: Tensor, m: Tensor, t: int) -> Tensor:
-        if st.graft is None:  # sgd / none: the (filtered) gradient itself
-            return m
-        a = st.graft
-        if self.grafting == "adagrad":
-            a.addcmul_(grad, grad)
-            denom = a.sqrt()
-        else:
-            b2 = self.graft_beta2
-            a.mul_(b2).addcmul_(grad, grad, value=1.0 - b2)
-            denom = a.sqrt()
-            if self.grafting == "adam" and self.bias_correction:
-                denom.div_(math.sqrt(1.0 - b2**t))
-        return m / denom.add_(self.graft_eps)
 
     def _accumulate(self, st: BlockState, grad: Tensor) -> None:
         b2 = self.betas[1]
@@ -354,22 +292,7 @@ class Shampoo(Rule):
         was loaded, unchanged)."""
         if self.plan is None:
             return dict(self._pending)
-        out: dict[str, Any] = {}
-        for b in self.owned:
-            st = self.state[b.key]
-            entry: dict[str, Any] = {"shape": list(b.block.shape), "root_failures": st.root_failures}
-            names = factor_names(len(st.factors))
-            for n, h, r, c in zip(names, st.factors, st.roots, st.condition, strict=True):
-                entry[n] = symmetrize_(h.clone())  # only the lower triangle is kept up to date
-                entry[f"{n}_condition"] = c
-                if r is not None:
-                    entry[f"{n}_root"] = r
-            if st.momentum is not None:
-                entry["momentum"] = st.momentum
-            if st.graft is not None:
-                entry["graft"] = st.graft
-            out[b.key] = entry
-        return out
+        return {b.key: save_block(b, self.state[b.key]) for b in self.owned}
 
     def load_rule_state_dict(self, state: dict[str, Any]) -> None:
         """Take the entries of the blocks this rank owns from ``state`` (which may hold any superset,
@@ -392,28 +315,8 @@ class Shampoo(Rule):
             entry = state.get(b.key)
             if entry is None:
                 raise KeyError(f"shampoo state has no entry for block {b.key!r}")
-            if [int(d) for d in entry.get("shape", [])] != list(b.block.shape):
-                raise ValueError(f"shampoo state for block {b.key!r} has shape {entry.get('shape')}, expected "
-                                 f"{list(b.block.shape)} (different max_preconditioner_dim?)")
-            st = self.state[b.key]
-            names = factor_names(len(st.factors))
-            for i, n in enumerate(names):
-                st.factors[i].copy_(self._need(entry, n, b.key))
-                root = entry.get(f"{n}_root")
-                st.roots[i] = None if root is None else root.to(dtype=self.pdtype, device=st.factors[i].device).clone()
-                st.condition[i] = float(entry.get(f"{n}_condition", 1.0))
-            if st.momentum is not None:
-                st.momentum.copy_(self._need(entry, "momentum", b.key))
-            if st.graft is not None:
-                st.graft.copy_(self._need(entry, "graft", b.key))
-            st.root_failures = int(entry.get("root_failures", 0))
+            load_block(b, self.state[b.key], entry, self.pdtype)
         self._stats_dirty = True
-
-    @staticmethod
-    def _need(entry: dict[str, Any], name: str, key: str) -> Tensor:
-        if name not in entry:
-            raise KeyError(f"shampoo state for block {key!r} lacks {name!r} (saved with other betas/grafting?)")
-        return entry[name]
 
     # -- introspection ----------------------------------------------------------------------------
     def state_bytes(self) -> int:
@@ -427,19 +330,5 @@ class Shampoo(Rule):
 
 
 def build_shampoo(**hp: Any) -> Shampoo:
-    """A Shampoo rule from optimizer.* config keys (None or absent: the default; others ignored)."""
-
-    def get(key: str, default: Any) -> Any:
-        v = hp.get(key)
-        return default if v is None else v
-
-    return Shampoo(
-        betas=tuple(get("betas", (0.9, 1.0))), eps=get("eps", 1e-12),
-        max_preconditioner_dim=get("max_preconditioner_dim", 1024),
-        precondition_frequency=get("precondition_frequency", 20),
-        start_preconditioning_step=get("start_preconditioning_step", 1),
-        exponent_override=hp.get("exponent_override"), grafting=get("grafting", "adam"),
-        grafting_beta2=get("grafting_beta2", 0.999), grafting_eps=get("grafting_eps", 1e-8),
-        preconditioner_dtype=get("preconditioner_dtype", "float32"), nesterov=get("nesterov", False),
-        bias_correction=get("bias_correction", True),
-    )
+    """A Shampoo rule from optimizer.* config keys (None or absent: the declared default)."""
+    return build_rule("shampoo", **hp)
