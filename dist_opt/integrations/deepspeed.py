@@ -27,9 +27,9 @@ to ``engine.backward(loss)``.
 
 Checkpoints: ``opt.save_checkpoint(dir, tag)`` / ``opt.load_checkpoint(dir, tag)`` use DeepSpeed's
 own format (at stage 0 its optimizer entry is the client's gathered state, loadable at any world
-size). At stage 0 the adapter also exposes the native engine's ``layout``, ``shard_state``,
-``shard_rank``, ``rule`` and ``load_state_dict`` format, so dist-opt's DCP checkpoints (the
-``checkpoint.*`` keys, ``resume``) work unchanged. At stages 1/2 ``opt.state_dict()`` is DeepSpeed's
+size). At stage 0 the adapter also exposes the engine optimizers' state API (``shard_specs``,
+``sharded_state``, ``shard_state_dict``, ``load_state_dict``, see :mod:`dist_opt.engine.state_api`),
+so dist-opt's DCP checkpoints (the ``checkpoint.*`` keys, ``resume``) work unchanged. At stages 1/2 ``opt.state_dict()`` is DeepSpeed's
 ZeRO state of this rank (same world size only; ``load_state_dict`` is collective).
 """
 
@@ -48,6 +48,7 @@ from torch import nn
 
 from dist_opt.config.loader import ConfigError
 from dist_opt.config.schema import Config
+from dist_opt.engine.state_codec import ShardSpec
 from dist_opt.integrations.pieces import ChunkedOptimizer, LocalRuleOptimizer
 
 #: keys dist-opt derives itself; the message says which dist-opt key to set instead
@@ -346,18 +347,17 @@ class DeepSpeedOptimizer:
             )
         return self.client
 
-    @property
-    def layout(self) -> Any:
-        """The native layout of the state chunks (stage 0)."""
-        return self._chunked().layout
+    def shard_specs(self) -> list[ShardSpec]:
+        """Stage 0: where this rank's chunk of every parameter's state lies (the native layout)."""
+        return self._chunked().shard_specs()
 
-    @property
-    def shard_state(self) -> dict[str, list[torch.Tensor]]:
-        return self._chunked().shard_state
+    def sharded_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Stage 0: ``{param_name: {state_key: this rank's valid piece}}``."""
+        return self._chunked().sharded_state()
 
-    @property
-    def shard_rank(self) -> int:
-        return self._chunked().shard_rank
+    def load_sharded_state(self, state: dict[str, dict[str, torch.Tensor]], offsets: dict[str, int] | None = None) -> None:
+        """Stage 0: load pieces of the state (see ``PieceOptimizer.load_sharded_state``)."""
+        self._chunked().load_sharded_state(state, offsets)
 
     @property
     def rule(self) -> Any:
