@@ -17,9 +17,9 @@ from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 
 from dist_opt.config import load_config
 from dist_opt.data.sampler import GlobalBatchSampler
-from dist_opt.extensions import Extension
 from dist_opt.engine.partition import make_layout
 from dist_opt.engine.state_codec import layout_specs
+from dist_opt.extensions import Extension
 from dist_opt.swa import SWAExtension, bn_batches, swalr_lr
 from dist_opt.tasks import build_task, cross_entropy_sums
 from dist_opt.train import StopRun, Trainer

@@ -117,6 +117,13 @@ class TrainConfig(Section):
         return self
 
 
+def _default_exclude() -> list[str]:
+    """The engine's default exclusion patterns (imported when needed: the engine imports the config)."""
+    from dist_opt.engine.core import DEFAULT_EXCLUDE
+
+    return list(DEFAULT_EXCLUDE)
+
+
 class OptimizerConfig(Section):
     name: Literal[
         "sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "lars", "lamb", "shampoo"
@@ -152,9 +159,9 @@ class OptimizerConfig(Section):
     """LARS trust-ratio denominator: paper ||g|| + wd||p||, tf ||g + wd p|| (MLPerf reference)."""
     trust_clip: tuple[NonNegFloat, PosFloat] | None = None
     """LAMB: clamp phi(||p||) to [low, high], e.g. [0, 10]. None: phi(z) = z."""
-    exclude_from_weight_decay: list[str] = Field(default_factory=lambda: ["bias", "norm", "bn", "ln"])
+    exclude_from_weight_decay: list[str] = Field(default_factory=_default_exclude)
     """Name substrings/regexes of parameters without weight decay (1-D parameters are always excluded for lars/lamb)."""
-    exclude_from_trust_ratio: list[str] = Field(default_factory=lambda: ["bias", "norm", "bn", "ln"])
+    exclude_from_trust_ratio: list[str] = Field(default_factory=_default_exclude)
     """Name patterns of parameters whose trust ratio is 1 (lars/lamb); 1-D parameters are always excluded."""
     lr_multipliers: dict[str, PosFloat] = Field(default_factory=dict)
     """Per-group lr multipliers: {name regex: multiplier}; the first matching pattern wins."""

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -37,31 +38,46 @@ from dist_opt.engine.state_api import ShardStateAPI
 from dist_opt.optim.base import GroupShard, Rule, StepContext
 from dist_opt.optim.registry import group_key
 
+if TYPE_CHECKING:
+    from dist_opt.config.schema import OptimizerConfig
+
 #: name patterns excluded from weight decay and trust ratios by default (``optimizer.exclude_*``)
 DEFAULT_EXCLUDE = ("bias", "norm", "bn", "ln")
 
 
+@dataclass(frozen=True)
+class GroupOptions:
+    """How parameters are put into param groups (the ``optimizer.*`` keys of the same names).
+
+    1-D parameters (biases, norm weights) get no trust ratio (LARS/LAMB) and, with ``exclude_1d``,
+    no weight decay; name patterns (see ``group_key``) exclude more; ``lr_multipliers`` maps name
+    regexes to lr factors (the first match wins)."""
+
+    weight_decay: float = 0.0
+    exclude_from_weight_decay: tuple[str, ...] = DEFAULT_EXCLUDE
+    exclude_from_trust_ratio: tuple[str, ...] = DEFAULT_EXCLUDE
+    lr_multipliers: Mapping[str, float] = field(default_factory=dict)
+    exclude_1d: bool = True
+
+    @classmethod
+    def from_config(cls, o: OptimizerConfig) -> GroupOptions:
+        """The options of a config's ``optimizer`` section."""
+        return cls(o.weight_decay, tuple(o.exclude_from_weight_decay), tuple(o.exclude_from_trust_ratio),
+                   dict(o.lr_multipliers))
+
+
 def build_param_groups(
-    named: Sequence[tuple[str, nn.Parameter]],
-    rule: Rule,
-    *,
-    lr: float,
-    weight_decay: float,
-    exclude_from_weight_decay: Iterable[str] = DEFAULT_EXCLUDE,
-    exclude_from_trust_ratio: Iterable[str] = DEFAULT_EXCLUDE,
-    lr_multipliers: dict[str, float] | None = None,
-    exclude_1d: bool = True,
+    named: Sequence[tuple[str, nn.Parameter]], rule: Rule, lr: float, options: GroupOptions
 ) -> tuple[list[dict[str, Any]], list[list[int]]]:
     """``torch.optim`` param groups of ``named`` (in the given order) and the indices in each group.
 
     Each group holds ``params``, ``lr`` (``lr`` x the group's multiplier), ``weight_decay``, ``trust``,
     ``lr_mult`` and the parameter ``names``; groups appear in order of their first parameter."""
     keys: dict[Any, list[int]] = {}
-    exclude_wd, exclude_trust = tuple(exclude_from_weight_decay), tuple(exclude_from_trust_ratio)
     for i, (name, p) in enumerate(named):
-        k = group_key(name, p, weight_decay=weight_decay, exclude_wd=exclude_wd, exclude_trust=exclude_trust,
-                      lr_multipliers=lr_multipliers or {}, trust_rule=rule.uses_trust_ratio,
-                      exclude_1d=exclude_1d)
+        k = group_key(name, p, weight_decay=options.weight_decay, exclude_wd=options.exclude_from_weight_decay,
+                      exclude_trust=options.exclude_from_trust_ratio, lr_multipliers=dict(options.lr_multipliers),
+                      trust_rule=rule.uses_trust_ratio, exclude_1d=options.exclude_1d)
         keys.setdefault(k, []).append(i)
     groups, layers = [], []
     for k, idx in keys.items():
@@ -86,20 +102,9 @@ class PieceOptimizer(ShardStateAPI, torch.optim.Optimizer):
     gathers_params: bool = False
     norm_time_key: str | None = "time/grad_norm_ms"
 
-    def __init__(
-        self,
-        named_params: Iterable[tuple[str, nn.Parameter]],
-        rule: Rule,
-        *,
-        lr: float,
-        weight_decay: float = 0.0,
-        max_grad_norm: float | None = None,
-        exclude_from_weight_decay: Iterable[str] = DEFAULT_EXCLUDE,
-        exclude_from_trust_ratio: Iterable[str] = DEFAULT_EXCLUDE,
-        lr_multipliers: dict[str, float] | None = None,
-        exclude_1d: bool = True,
-        comm: Comm | None = None,
-    ):
+    def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], rule: Rule, *, lr: float,
+                 groups: GroupOptions | None = None, max_grad_norm: float | None = None,
+                 comm: Comm | None = None):
         named = [(n, p) for n, p in named_params if p.requires_grad]
         if not named:
             raise ValueError(f"{type(self).__name__} got no parameters that require grad")
@@ -110,12 +115,9 @@ class PieceOptimizer(ShardStateAPI, torch.optim.Optimizer):
         self.layer_names = [n for n, _ in named]
         self.layer_params = [p for _, p in named]
         self.layer_shapes = [tuple(p.shape) for p in self.layer_params]
-        groups, self._group_layers = build_param_groups(
-            named, rule, lr=lr, weight_decay=weight_decay, exclude_from_weight_decay=exclude_from_weight_decay,
-            exclude_from_trust_ratio=exclude_from_trust_ratio, lr_multipliers=lr_multipliers,
-            exclude_1d=exclude_1d,
-        )
-        super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
+        options = groups if groups is not None else GroupOptions()
+        param_groups, self._group_layers = build_param_groups(named, rule, lr, options)
+        super().__init__(param_groups, {"lr": lr, "weight_decay": options.weight_decay})
         self.shard_state: dict[str, list[Tensor]] = rule.init_state(self.param_pieces())
         self.applied_steps = 0
         self.skipped_steps = 0

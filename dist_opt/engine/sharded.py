@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dist_opt.dist.collectives import Comm
-from dist_opt.engine.core import DEFAULT_EXCLUDE, PieceOptimizer
+from dist_opt.engine.core import DEFAULT_EXCLUDE, GroupOptions, PieceOptimizer
 from dist_opt.engine.grad_sync import GradSync
 from dist_opt.engine.partition import Layout, make_layout
 from dist_opt.engine.state_codec import ShardSpec, all_gather_pieces, layout_specs
@@ -108,11 +108,9 @@ class ShardedOptimizer(PieceOptimizer):
             self._grad_pieces = [self.shard_grad[s.shard_offset:s.shard_offset + s.chunk] for s in self.layout.slots]
         else:
             self._grad_pieces = [self._piece(self.full_grad, s.full_offset, s.chunk) for s in self.layout.slots]
-        super().__init__(
-            named, rule, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-            exclude_from_weight_decay=exclude_from_weight_decay, exclude_from_trust_ratio=exclude_from_trust_ratio,
-            lr_multipliers=lr_multipliers, exclude_1d=exclude_1d_from_weight_decay, comm=comm,
-        )
+        groups = GroupOptions(weight_decay, tuple(exclude_from_weight_decay), tuple(exclude_from_trust_ratio),
+                              dict(lr_multipliers or {}), exclude_1d_from_weight_decay)
+        super().__init__(named, rule, lr=lr, groups=groups, max_grad_norm=max_grad_norm, comm=comm)
         assert self.layer_names == [s.name for s in self.layout.slots]
         self._send = torch.empty(self.layout.shard_numel, dtype=dtype, device=device) if shard_world > 1 else None
         self._spans = [(b.slots[0], b.slots[-1] + 1) for b in self.layout.buckets]

@@ -48,6 +48,7 @@ from torch import nn
 
 from dist_opt.config.loader import ConfigError
 from dist_opt.config.schema import Config
+from dist_opt.engine.core import GroupOptions
 from dist_opt.engine.state_codec import ShardSpec
 from dist_opt.integrations.pieces import ChunkedOptimizer, LocalRuleOptimizer
 
@@ -186,20 +187,14 @@ def build_deepspeed(
     _skip_shm_kernel_build()
     o = cfg.optimizer
     rule = build_rule(o.name, **{k: getattr(o, k) for k in RULE_KEYS})
-    common = dict(
-        lr=lr,
-        weight_decay=o.weight_decay,
-        exclude_from_weight_decay=o.exclude_from_weight_decay,
-        exclude_from_trust_ratio=o.exclude_from_trust_ratio,
-        lr_multipliers=o.lr_multipliers,
-    )
+    groups = GroupOptions.from_config(o)
     stage = cfg.distributed.zero_stage
     if stage == 0:
         client: torch.optim.Optimizer = ChunkedOptimizer(
-            model.named_parameters(), rule, max_grad_norm=o.max_grad_norm, **common
+            model.named_parameters(), rule, lr=lr, groups=groups, max_grad_norm=o.max_grad_norm
         )
     else:
-        client = LocalRuleOptimizer(model.named_parameters(), rule, **common)
+        client = LocalRuleOptimizer(model.named_parameters(), rule, lr=lr, groups=groups)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=ds_cfg)
     opt = DeepSpeedOptimizer(
         engine,

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from dist_opt.config.loader import ConfigError
 from dist_opt.config.schema import Config
-from dist_opt.engine.core import PieceOptimizer
+from dist_opt.engine.core import GroupOptions, PieceOptimizer
 from dist_opt.engine.state_codec import ShardSpec
 from dist_opt.optim.base import Rule
 
@@ -87,16 +87,7 @@ def build_fsdp2(
             m.set_gradient_divide_factor(float(world * accum))
     o = cfg.optimizer
     rule = build_rule(o.name, **{k: getattr(o, k) for k in RULE_KEYS})
-    opt = FSDP2Optimizer(
-        model,
-        rule,
-        lr=lr,
-        weight_decay=o.weight_decay,
-        max_grad_norm=o.max_grad_norm,
-        exclude_from_weight_decay=o.exclude_from_weight_decay,
-        exclude_from_trust_ratio=o.exclude_from_trust_ratio,
-        lr_multipliers=o.lr_multipliers,
-    )
+    opt = FSDP2Optimizer(model, rule, lr=lr, groups=GroupOptions.from_config(o), max_grad_norm=o.max_grad_norm)
     return model, opt
 
 

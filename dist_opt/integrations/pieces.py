@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from dist_opt.dist.collectives import Comm
-from dist_opt.engine.core import DEFAULT_EXCLUDE, PieceOptimizer, build_param_groups
+from dist_opt.engine.core import GroupOptions, PieceOptimizer, build_param_groups
 from dist_opt.engine.partition import make_layout
 from dist_opt.engine.state_codec import ShardSpec, all_gather_pieces, layout_specs
 from dist_opt.optim.base import GroupShard, Rule, local_context
@@ -42,10 +42,7 @@ class LocalRuleOptimizer(torch.optim.Optimizer):
         rule: Rule,
         *,
         lr: float,
-        weight_decay: float = 0.0,
-        exclude_from_weight_decay: Iterable[str] = DEFAULT_EXCLUDE,
-        exclude_from_trust_ratio: Iterable[str] = DEFAULT_EXCLUDE,
-        lr_multipliers: dict[str, float] | None = None,
+        groups: GroupOptions | None = None,
     ):
         if rule.uses_trust_ratio or rule.replicated_pieces:
             raise ValueError(
@@ -53,16 +50,9 @@ class LocalRuleOptimizer(torch.optim.Optimizer):
             )
         named = [(n, p) for n, p in named_params if p.requires_grad]
         named.reverse()
-        groups, _ = build_param_groups(
-            named,
-            rule,
-            lr=lr,
-            weight_decay=weight_decay,
-            exclude_from_weight_decay=exclude_from_weight_decay,
-            exclude_from_trust_ratio=exclude_from_trust_ratio,
-            lr_multipliers=lr_multipliers,
-        )
-        super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
+        options = groups if groups is not None else GroupOptions()
+        param_groups, _ = build_param_groups(named, rule, lr, options)
+        super().__init__(param_groups, {"lr": lr, "weight_decay": options.weight_decay})
         self.rule = rule
 
     @property
