@@ -1,4 +1,4 @@
-"""Stochastic weight averaging (SPEC 6) of the optimizer's shards, as a Trainer extension.
+"""Stochastic weight averaging of the optimizer's shards, as a Trainer extension.
 
 **Averaging.** From epoch ``swa.start_epoch`` (0-based) on, at the end of every
 ``swa.every_epochs``-th epoch, each rank folds the parameters it owns into its average, with no
@@ -6,9 +6,9 @@ communication: ``swa`` ``w_avg <- w_avg + (w - w_avg) / (n + 1)`` (= ``(n w_avg 
 ``torch.optim.swa_utils.AveragedModel``'s update), ``ema`` ``w_avg <- d w_avg + (1 - d) w``
 (``d = swa.ema_decay``, at the same epoch cadence); the first update copies ``w``. A rank owns
 elements ``[r c, min((r + 1) c, numel))`` of every flattened parameter, ``c = ceil(numel / N)``
--- exactly the optimizer's shard under ZeRO-1/2, and the same chunking of the (replicated)
-flat parameter buffer under ZeRO-0 -- so the average costs ~1/N of the parameters per rank. The
-averaged weights are all-gathered only to evaluate or to export.
+(the optimizer's ``owned_specs()``: exactly its shard under ZeRO-1/2, the same split of the
+replicated parameters under ZeRO-0), so the average costs ~1/N of the parameters per rank. The
+averaged weights are all-gathered (``opt.gather_params``) only to evaluate or to export.
 
 **SWA learning rate** (``swa.lr`` set): ``torch.optim.swa_utils.SWALR`` created at the start of
 epoch ``swa.start_epoch`` and stepped at every epoch end. The lr of every step of epoch
@@ -55,8 +55,7 @@ import contextlib
 import math
 import os
 import sys
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,12 +64,12 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from dist_opt.config import Config, ConfigError
+from dist_opt.engine.state_codec import ShardSpec, gather_full, load_piece
 from dist_opt.extensions import Extension
 
 if TYPE_CHECKING:
     from dist_opt.dist.collectives import Comm
-    from dist_opt.engine.partition import Slot
-    from dist_opt.engine.sharded import ShardedOptimizer
+    from dist_opt.engine.core import PieceOptimizer
     from dist_opt.extensions import TrainerView
     from dist_opt.tasks.base import Task
 
@@ -93,37 +92,6 @@ def swalr_lr(lr0: float, swa_lr: float, epochs_in: int, anneal_epochs: int, stra
     t = 1.0 if anneal_epochs == 0 else min(1.0, epochs_in / anneal_epochs)
     a = anneal_alpha(t, strategy)
     return swa_lr if a == 1 else swa_lr * a + lr0 * (1 - a)
-
-
-# -- ownership -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class OwnedRange:
-    """The part of one flattened parameter that a rank averages."""
-
-    name: str
-    shape: tuple[int, ...]
-    numel: int
-    chunk: int  # ceil(numel / world): padded size of every rank's piece
-    lo: int  # global element offset of this rank's piece
-    hi: int  # end (exclusive); hi - lo = valid elements, <= chunk
-    full_offset: int  # where the parameter starts in the optimizer's full_param buffer
-    avg_offset: int  # where this rank's piece starts in its (padded) average buffer
-
-    @property
-    def valid(self) -> int:
-        return self.hi - self.lo
-
-
-def owned_ranges(slots: Sequence[Slot], world: int, rank: int) -> list[OwnedRange]:
-    """Rank ``rank``'s piece of every slot: the ``torch.chunk`` split of the flattened parameter."""
-    out, off = [], 0
-    for s in slots:
-        chunk = -(-s.numel // world)
-        lo = min(rank * chunk, s.numel)
-        hi = min(lo + chunk, s.numel)
-        out.append(OwnedRange(s.name, tuple(s.shape), s.numel, chunk, lo, hi, s.full_offset, off))
-        off += chunk
-    return out
 
 
 # -- BatchNorm refresh ---------------------------------------------------------------------------
@@ -189,8 +157,9 @@ class SWAExtension(Extension):
         self.cfg = cfg
         self.n = 0  # averages taken
         self.base_lrs: list[float] | None = None  # lr0 of SWALR per param group (once the SWA lr is active)
-        self.ranges: list[OwnedRange] = []
-        self.avg: Tensor | None = None  # this rank's pieces, each padded to its chunk
+        self.specs: list[ShardSpec] = []  # this rank's piece of every parameter (opt.owned_specs())
+        self.avg: Tensor | None = None  # this rank's pieces, back to back
+        self._pieces: list[Tensor] = []  # views of ``avg``, one per spec
         self._trainer: TrainerView | None = None
         self._eval_cache: tuple[int, dict[str, float]] | None = None
 
@@ -215,9 +184,10 @@ class SWAExtension(Extension):
             )
         opt = trainer.opt
         self._trainer = trainer
-        self.ranges = owned_ranges(opt.layout.slots, opt.comm.world, opt.comm.rank)
-        size = sum(r.chunk for r in self.ranges)
-        self.avg = torch.zeros(size, dtype=opt.full_param.dtype, device=opt.full_param.device)
+        self.specs = opt.owned_specs()
+        live = opt.owned_params()
+        self.avg = torch.zeros(sum(s.valid for s in self.specs), dtype=live[0].dtype, device=live[0].device)
+        self._pieces = list(self.avg.split([s.valid for s in self.specs]))
         if s.lr is not None:
             trainer.schedule.set_override(self._lr_override)
             self._apply_lr(trainer)
@@ -250,17 +220,13 @@ class SWAExtension(Extension):
         self.export(trainer, Path(self.cfg.run.out_dir) / EXPORT_NAME)
 
     # -- averaging -------------------------------------------------------------------------------
-    def _views(self, opt: ShardedOptimizer) -> tuple[list[Tensor], list[Tensor]]:
+    def _views(self, opt: PieceOptimizer) -> tuple[list[Tensor], list[Tensor]]:
         assert self.avg is not None, "SWAExtension.setup was not called"
-        avg, cur = [], []
-        for r in self.ranges:
-            if r.valid:
-                avg.append(self.avg[r.avg_offset : r.avg_offset + r.valid])
-                cur.append(opt.full_param[r.full_offset + r.lo : r.full_offset + r.hi])
-        return avg, cur
+        pairs = [(a, c) for s, a, c in zip(self.specs, self._pieces, opt.owned_params(), strict=True) if s.valid]
+        return [a for a, _ in pairs], [c for _, c in pairs]
 
     @torch.no_grad()
-    def update(self, opt: ShardedOptimizer) -> None:
+    def update(self, opt: PieceOptimizer) -> None:
         """Fold the current parameters of this rank's pieces into the average (no communication)."""
         avg, cur = self._views(opt)
         if avg:
@@ -273,25 +239,16 @@ class SWAExtension(Extension):
         self.n += 1
         self._eval_cache = None
 
-    @torch.no_grad()
-    def gather_into(self, opt: ShardedOptimizer) -> None:
-        """All-gather the average into the optimizer's full parameter buffer (i.e. into the model)."""
+    def gather_into(self, opt: PieceOptimizer) -> None:
+        """All-gather the average into the optimizer's parameters (i.e. into the model)."""
         assert self.avg is not None, "SWAExtension.setup was not called"
-        world = opt.comm.world
-        out = torch.empty(world * self.avg.numel(), dtype=self.avg.dtype, device=self.avg.device)
-        opt.comm.all_gather(out, self.avg)
-        mat = out.view(world, self.avg.numel())
-        dst, src = [], []
-        for r in self.ranges:
-            dst.append(opt.full_param[r.full_offset : r.full_offset + r.numel])
-            src.append(mat[:, r.avg_offset : r.avg_offset + r.chunk].reshape(-1)[: r.numel])
-        torch._foreach_copy_(dst, src)
+        opt.gather_params(self._pieces)
 
     @contextlib.contextmanager
     def swapped_in(self, trainer: TrainerView) -> Iterator[None]:
         """Inside the block the model holds the averaged weights (BatchNorm refreshed: ``swa.update_bn``)."""
         opt, model = trainer.opt, trainer.model
-        live = opt.full_param.detach().clone()
+        live = [(p, p.detach().clone()) for p in model.parameters()]
         buffers = [(b, b.detach().clone()) for b in model.buffers()]
         was_training = model.training
         try:
@@ -303,9 +260,8 @@ class SWAExtension(Extension):
             yield
         finally:
             with torch.no_grad():
-                opt.full_param.copy_(live)
-                for b, saved in buffers:
-                    b.copy_(saved)
+                for t, saved in live + buffers:
+                    t.copy_(saved)
             model.train(was_training)
 
     def averaged_model_state_dict(self, trainer: TrainerView) -> dict[str, Tensor]:
@@ -363,29 +319,25 @@ class SWAExtension(Extension):
             "kind": self.cfg.swa.kind,
             "n": self.n,
             "base_lrs": None if self.base_lrs is None else list(self.base_lrs),
-            "numel": {r.name: r.numel for r in self.ranges},
+            "numel": {s.name: s.numel for s in self.specs},
         }
 
     def shard_state_dict(self) -> dict[str, Any]:
         """This rank's average: per parameter name its valid piece, starting at ``offsets[name]``."""
         assert self.avg is not None, "SWAExtension.setup was not called"
-        pieces = {r.name: self.avg[r.avg_offset : r.avg_offset + r.valid].clone() for r in self.ranges}
-        return {**self._meta(), "averaged": pieces, "offsets": {r.name: r.lo for r in self.ranges}}
+        pieces = {s.name: p.clone() for s, p in zip(self.specs, self._pieces, strict=True)}
+        return {**self._meta(), "averaged": pieces, "offsets": {s.name: s.offset for s in self.specs}}
 
     def state_dict(self) -> dict[str, Any]:
         """The full (world-size independent) average, gathered on every rank: call on all ranks."""
         assert self.avg is not None, "SWAExtension.setup was not called"
         assert self._trainer is not None
-        opt = self._trainer.opt
-        world = opt.comm.world
-        out = torch.empty(world * self.avg.numel(), dtype=self.avg.dtype, device=self.avg.device)
-        opt.comm.all_gather(out, self.avg)
-        mat = out.view(world, self.avg.numel())
-        full = {
-            r.name: mat[:, r.avg_offset : r.avg_offset + r.chunk].reshape(-1)[: r.numel].clone()
-            for r in self.ranges
+        full = gather_full(self._trainer.opt.comm, self.specs, self._pieces)
+        return {
+            **self._meta(),
+            "averaged": {s.name: t for s, t in zip(self.specs, full, strict=True)},
+            "offsets": {s.name: 0 for s in self.specs},
         }
-        return {**self._meta(), "averaged": full, "offsets": {r.name: 0 for r in self.ranges}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load :meth:`state_dict` (full) or a :meth:`shard_state_dict` piece covering this rank's range."""
@@ -400,21 +352,14 @@ class SWAExtension(Extension):
         averaged, offsets, numel = state["averaged"], state.get("offsets", {}), state.get("numel", {})
         new = torch.zeros_like(self.avg)
         if n > 0:
-            for r in self.ranges:
-                if r.name not in averaged:
-                    raise KeyError(f"swa state: no average for parameter {r.name!r}")
-                if r.name in numel and int(numel[r.name]) != r.numel:
+            for s, dst in zip(self.specs, new.split([s.valid for s in self.specs]), strict=True):
+                if s.name not in averaged:
+                    raise KeyError(f"swa state: no average for parameter {s.name!r}")
+                if s.name in numel and int(numel[s.name]) != s.numel:
                     raise ValueError(
-                        f"swa state: {r.name} has {numel[r.name]} elements, the model has {r.numel}"
+                        f"swa state: {s.name} has {numel[s.name]} elements, the model has {s.numel}"
                     )
-                src = averaged[r.name].reshape(-1)
-                lo = r.lo - int(offsets.get(r.name, 0))
-                if lo < 0 or lo + r.valid > src.numel():
-                    raise ValueError(
-                        f"swa state: {r.name} holds {src.numel()} elements from offset "
-                        f"{offsets.get(r.name, 0)}; this rank needs [{r.lo}, {r.hi})"
-                    )
-                new[r.avg_offset : r.avg_offset + r.valid].copy_(src[lo : lo + r.valid])
+                load_piece(dst, averaged[s.name], s, int(offsets.get(s.name, 0)), f"swa state: {s.name}")
         self.avg.copy_(new)
         self.n = n
         self.base_lrs = None if state.get("base_lrs") is None else [float(x) for x in state["base_lrs"]]

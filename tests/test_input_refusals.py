@@ -7,9 +7,8 @@ import pytest
 import yaml
 
 from dist_opt.config import ConfigError, load_config, to_dict
-from dist_opt.config.schema import WandbConfig
-from dist_opt.train import main as train_main
 from dist_opt.tracking.wandb_run import init_kwargs
+from dist_opt.train import main as train_main
 
 GOOD = {"task": {"name": "synthetic", "dim": 4, "hidden": 8},
         "data": {"global_batch": 8, "micro_batch": 4}, "train": {"steps": 2, "progress": False},

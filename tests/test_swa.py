@@ -17,8 +17,10 @@ from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
 
 from dist_opt.config import load_config
 from dist_opt.data.sampler import GlobalBatchSampler
+from dist_opt.engine.partition import make_layout
+from dist_opt.engine.state_codec import layout_specs
 from dist_opt.extensions import Extension
-from dist_opt.swa import SWAExtension, bn_batches, owned_ranges, swalr_lr
+from dist_opt.swa import SWAExtension, bn_batches, swalr_lr
 from dist_opt.tasks import build_task, cross_entropy_sums
 from dist_opt.train import StopRun, Trainer
 
@@ -121,9 +123,8 @@ def run(
     opt = trainer.opt
     owned_is_optimizer_shard = (
         all(
-            r.valid == 0
-            or opt.full_param[r.full_offset + r.lo :].data_ptr() == opt.param_pieces[i].data_ptr()
-            for i, r in enumerate(swa.ranges)
+            s.valid == 0 or view.data_ptr() == opt.param_pieces()[i].data_ptr()
+            for i, (s, view) in enumerate(zip(swa.specs, opt.owned_params(), strict=True))
         )
         if opt.layout.world > 1
         else None
@@ -133,7 +134,7 @@ def run(
         "n": swa.n,
         "resumed_from_step": trainer.resumed_from_step,
         "avg_numel": swa.avg.numel(),
-        "total_numel": sum(r.numel for r in swa.ranges),
+        "total_numel": sum(s.numel for s in swa.specs),
         "owned_is_optimizer_shard": owned_is_optimizer_shard,
         "extra": [getattr(e, "saved", None) or getattr(e, "at", None) for e in extra or []],
     }
@@ -165,16 +166,14 @@ def test_swalr_values_equal_torch_swalr():
 
 
 def test_ownership_is_the_torch_chunk_split():
-    from dist_opt.engine.partition import make_layout
-
-    layout = make_layout([("a", (5, 3)), ("b", (4,)), ("c", (1,))], 1, 100)
     for world in (1, 2, 3, 4):
+        layout = make_layout([("a", (5, 3)), ("b", (4,)), ("c", (1,))], world, 100)
         for s in layout.slots:
             pieces = torch.arange(s.numel).chunk(world) if s.numel >= world else None
-            got = [owned_ranges(layout.slots, world, r)[s.index] for r in range(world)]
+            got = [layout_specs(layout, r)[s.index] for r in range(world)]
             assert sum(g.valid for g in got) == s.numel and all(g.chunk == -(-s.numel // world) for g in got)
             if pieces is not None and len(pieces) == world:
-                assert [(g.lo, g.hi) for g in got] == [(int(p[0]), int(p[-1]) + 1) for p in pieces]
+                assert [(g.offset, g.end) for g in got] == [(int(p[0]), int(p[-1]) + 1) for p in pieces]
     assert bn_batches(10, 3) == [(0, 3), (3, 6), (6, 9)]  # a last batch of one sample is dropped
     assert bn_batches(11, 3)[-1] == (9, 11)
 

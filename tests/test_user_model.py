@@ -39,9 +39,9 @@ def _close(got: dict, ref: dict, what: str) -> None:
 def _trainer_fit(rank: int, world: int, out_dir: str, overrides: list[str], task_fn: str | None = None) -> dict:
     """One rank of a run (harness worker or this process), the user task built here if named."""
     import user_tasks
-    from dist_opt.trainer import Trainer
 
     from dist_opt.config import load_config
+    from dist_opt.trainer import Trainer
 
     cfg = load_config(None, [*BASE, f"run.out_dir={out_dir}", *overrides])
     task = getattr(user_tasks, task_fn)() if task_fn else None

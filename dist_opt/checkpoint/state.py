@@ -28,38 +28,33 @@ states; other ranks get fresh generators seeded from (run.seed, rank, step).
 
 from __future__ import annotations
 
-import hashlib
-import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from dist_opt.checkpoint import codec
+from dist_opt.checkpoint import optim_state as tensors
 from dist_opt.checkpoint.errors import CheckpointError
+from dist_opt.checkpoint.optim_state import copy_cpu as _copy
+from dist_opt.checkpoint.optim_state import shard_piece  # noqa: F401 (extensions import it from here)
+from dist_opt.checkpoint.rng import fresh_rng, rng_state, set_rng_state
 from dist_opt.optim.registry import structural_keys
 
 try:
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor
 except ImportError:  # torch < 2.5
-    from torch.distributed._tensor import DTensor, Shard  # type: ignore[no-redef]
+    from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata
     from torch.distributed.device_mesh import DeviceMesh
 
-    from dist_opt.engine.sharded import ShardedOptimizer
     from dist_opt.extensions import Extension
     from dist_opt.train import Trainer
 
 MAX_PROBLEMS = 20  # mismatches listed when a checkpoint does not fit
-
-
-def _copy(t: Tensor) -> Tensor:
-    """A CPU copy that training can no longer change."""
-    return t.detach().to("cpu", copy=True).contiguous()
 
 
 def _copy_dtensor(t: DTensor) -> DTensor:
@@ -71,13 +66,6 @@ def _empty_like_dtensor(t: DTensor) -> DTensor:
     local = t.to_local()
     return DTensor.from_local(torch.empty(local.shape, dtype=local.dtype), t.device_mesh, t.placements,
                               shape=t.shape, stride=t.stride(), run_check=False)
-
-
-def shard_piece(local: Tensor, numel: int, mesh: DeviceMesh) -> DTensor:
-    """``local`` (this rank's valid piece of a flattened tensor of ``numel`` elements, torch.chunk
-    layout) as a DTensor ``Shard(0)`` of global shape ``(numel,)``. Extensions may put such values in
-    their ``state_dict`` to have them saved sharded and resharded on load."""
-    return DTensor.from_local(local, mesh, [Shard(0)], shape=(numel,), stride=(1,), run_check=False)
 
 
 def ext_key(ext: Extension, index: int) -> str:
@@ -98,44 +86,6 @@ def other_extensions(trainer: Trainer, me: Any) -> list[tuple[str, Extension]]:
     return out
 
 
-# -- RNG ----------------------------------------------------------------------------------------
-def rng_state(device: torch.device) -> dict[str, Any]:
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    st: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64),
-                   "gauss_next": gauss},
-        "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-    }
-    if device.type == "cuda":
-        st["cuda"] = torch.cuda.get_rng_state(device)
-    return st
-
-
-def set_rng_state(st: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(st["torch"].to(torch.uint8))
-    py = st["python"]
-    random.setstate((int(py["version"]), tuple(int(x) for x in py["state"].tolist()), py["gauss_next"]))
-    n = st["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), int(n["pos"]), int(n["has_gauss"]),
-                         float(n["cached_gaussian"])))
-    if device.type == "cuda" and "cuda" in st:
-        torch.cuda.set_rng_state(st["cuda"].to(torch.uint8), device)
-
-
-def fresh_rng(seed: int, rank: int, step: int, device: torch.device) -> None:
-    """Deterministic generators for a rank that has no saved state (resume on more ranks)."""
-    digest = hashlib.sha256(f"dist-opt/{seed}/{rank}/{step}".encode()).digest()
-    h = int.from_bytes(digest[:8], "little") % 2**63
-    torch.manual_seed(h)
-    random.seed(h)
-    np.random.seed(h % 2**32)
-    if device.type == "cuda":
-        torch.cuda.manual_seed(h)
-
-
 # -- save side ----------------------------------------------------------------------------------
 @dataclass
 class Snapshot:
@@ -150,23 +100,13 @@ class Snapshot:
     layout: dict[str, Any] = field(default_factory=dict)
 
 
-def _param_names(opt: ShardedOptimizer) -> set[str]:
-    return {s.name for s in opt.layout.slots}
-
-
 def describe(trainer: Trainer) -> dict[str, Any]:
     """World-size independent description of the model and optimizer (validated on load)."""
     opt = trainer.opt
-    params = {s.name: {"shape": list(s.shape), "numel": s.numel} for s in opt.layout.slots}
-    states = {}
-    for s in opt.layout.slots:
-        states[s.name] = {k: ("scalar" if v[s.index].dim() == 0 else "flat")
-                          for k, v in opt.shard_state.items()}
     o = trainer.cfg.optimizer
     return {
-        "params": params, "states": states, "optimizer": opt.name, "zero_stage": opt.zero_stage,
-        "shard_world": opt.layout.world, "param_groups": [list(g.get("names", [])) for g in opt.param_groups],
-        # the optimizer.* keys that change the shape of the saved state (its declaration says which)
+        **tensors.describe_tensors(opt), "optimizer": opt.name, "zero_stage": opt.zero_stage,
+        "param_groups": [list(g.get("names", [])) for g in opt.param_groups],
         "optimizer_config": {k: getattr(o, k, None) for k in structural_keys(o.name)},
         "task": trainer.cfg.task.name, "global_batch": trainer.cfg.data.global_batch,
         "seed": trainer.cfg.run.seed,
@@ -180,21 +120,9 @@ def capture(trainer: Trainer, me: Any, mesh: DeviceMesh) -> Snapshot:
     rank = trainer.rank
     snap = Snapshot(step=trainer.step, layout=describe(trainer))
     t = snap.tensors
-    trained = _param_names(opt)
+    trained = tensors.trained_names(opt)
     model_sd = trainer.model.state_dict()
-    for s in opt.layout.slots:
-        t[f"model/{s.name}"] = _copy(model_sd[s.name])
-    sharded = opt.layout.world > 1
-    for s in opt.layout.slots:
-        for k, bufs in opt.shard_state.items():
-            v = bufs[s.index]
-            key = f"optim/{s.name}/{k}"
-            if v.dim() == 0:
-                t[key] = _copy(v)
-            elif sharded:
-                t[key] = shard_piece(_copy(v[:s.valid(opt.shard_rank)]), s.numel, mesh)
-            else:
-                t[key] = _copy(v[:s.numel])
+    t.update(tensors.capture_tensors(opt, model_sd, mesh))
 
     def put_shared(key: str, v: Tensor) -> dict[str, Any]:
         if isinstance(v, DTensor):
@@ -304,52 +232,8 @@ def plan_load(trainer: Trainer, me: Any, manifest: dict[str, Any], md: Metadata)
             return False
         return True
 
-    # model parameters
-    sp, hp = saved["params"], here["params"]
-    missing = [n for n in hp if n not in sp]
-    unexpected = [n for n in sp if n not in hp]
-    if missing:
-        problems.append(f"model parameters missing from the checkpoint: {', '.join(missing[:8])}"
-                        + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
-    if unexpected:
-        problems.append(f"checkpoint has parameters this model lacks: {', '.join(unexpected[:8])}"
-                        + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
     model_sd = trainer.model.state_dict()
-    for s in opt.layout.slots:
-        if s.name in sp:
-            p = model_sd[s.name]
-            if need(f"model/{s.name}", tuple(p.shape), p.dtype, f"parameter {s.name}"):
-                plan.templates[f"model/{s.name}"] = torch.empty(p.shape, dtype=p.dtype)
-
-    # optimizer state
-    if saved["param_groups"] != here["param_groups"] and not problems:
-        problems.append("optimizer parameter groups differ from the checkpoint's (changed "
-                        "exclude_from_weight_decay, exclude_from_trust_ratio or lr_multipliers?)")
-    sharded = opt.layout.world > 1
-    for s in opt.layout.slots:
-        if s.name not in sp:
-            continue
-        saved_states = saved["states"].get(s.name, {})
-        extra = sorted(set(saved_states) - set(opt.shard_state))
-        if extra:
-            problems.append(f"optimizer state of {s.name}: checkpoint has {', '.join(extra)} which this "
-                            f"optimizer does not keep")
-        for k, bufs in opt.shard_state.items():
-            v = bufs[s.index]
-            key = f"optim/{s.name}/{k}"
-            what = f"optimizer state {s.name}.{k}"
-            if k not in saved_states:
-                problems.append(f"{what}: missing from the checkpoint")
-                continue
-            if v.dim() == 0:
-                if need(key, (), v.dtype, what):
-                    plan.templates[key] = torch.empty((), dtype=v.dtype)
-            elif need(key, (s.numel,), v.dtype, what):
-                if sharded:
-                    local = torch.empty(s.valid(opt.shard_rank), dtype=v.dtype)
-                    plan.templates[key] = shard_piece(local, s.numel, me.mesh)
-                else:
-                    plan.templates[key] = torch.empty(s.numel, dtype=v.dtype)
+    plan.templates.update(tensors.plan_tensors(opt, model_sd, saved, here, need, problems, me.mesh))
 
     # schedule (checked here so that a mismatch is refused before anything is loaded)
     sched_saved = manifest["shared"].get("schedule", {})
@@ -363,7 +247,7 @@ def plan_load(trainer: Trainer, me: Any, manifest: dict[str, Any], md: Metadata)
     per_rank = manifest["ranks"][plan.src_rank]
     buf_refs = {k: v for k, v in per_rank.get("buffers", {}).items()} if isinstance(per_rank.get("buffers"),
                                                                                      dict) else {}
-    here_bufs = {k: v for k, v in model_sd.items() if k not in _param_names(opt)}
+    here_bufs = {k: v for k, v in model_sd.items() if k not in tensors.trained_names(opt)}
     if sorted(buf_refs) != sorted(here_bufs):
         a, b = set(buf_refs), set(here_bufs)
         problems.append(f"model buffers differ: missing from the checkpoint {sorted(b - a)[:8]}, "
@@ -423,20 +307,10 @@ def apply(trainer: Trainer, me: Any, plan: LoadPlan) -> list[str]:
     device = trainer.device
     with torch.no_grad():
         model_sd = trainer.model.state_dict()
-        for s in opt.layout.slots:
-            model_sd[s.name].copy_(tm[f"model/{s.name}"])
+        tensors.load_params(opt, model_sd, tm)
         for name, v in per_rank["buffers"].items():
             model_sd[name].copy_(v)
-    sharded = opt.layout.world > 1
-    state: dict[str, dict[str, Tensor]] = {}
-    offsets = {}
-    for s in opt.layout.slots:
-        entry = {}
-        for k in opt.shard_state:
-            v = tm[f"optim/{s.name}/{k}"]
-            entry[k] = (v.to_local() if isinstance(v, DTensor) else v).to(device)
-        state[s.name] = entry
-        offsets[s.name] = s.global_offset(opt.shard_rank) if sharded else 0
+    state, offsets = tensors.loaded_state(opt, tm, device)
     so = shared["optimizer"]
     try:
         opt.load_state_dict({"state": state, "offsets": offsets, "applied_steps": so["applied_steps"],

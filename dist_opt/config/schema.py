@@ -171,6 +171,13 @@ class TrainConfig(Section):
         return self
 
 
+def _default_exclude() -> list[str]:
+    """The engine's default exclusion patterns (imported when needed: the engine imports the config)."""
+    from dist_opt.engine.core import DEFAULT_EXCLUDE
+
+    return list(DEFAULT_EXCLUDE)
+
+
 class _OptimizerBase(Section):
     """optimizer.*: the optimizer and the keys every optimizer accepts. Each optimizer's own keys
     (``_optimizer_fields``) come from its declaration (``dist_opt.optim.catalog``)."""
@@ -183,9 +190,9 @@ class _OptimizerBase(Section):
     weight_decay: NonNegFloat = Field(0.0, description=(
         f"L2 ({', '.join(n for n in rule_names() if not rule_spec(n).decoupled_weight_decay)}) or decoupled "
         f"({', '.join(n for n in rule_names() if rule_spec(n).decoupled_weight_decay)}) weight decay."))
-    exclude_from_weight_decay: list[str] = Field(default_factory=lambda: ["bias", "norm", "bn", "ln"])
+    exclude_from_weight_decay: list[str] = Field(default_factory=_default_exclude)
     """Name substrings/regexes of parameters without weight decay (1-D parameters are always excluded)."""
-    exclude_from_trust_ratio: list[str] = Field(default_factory=lambda: ["bias", "norm", "bn", "ln"], description=(
+    exclude_from_trust_ratio: list[str] = Field(default_factory=_default_exclude, description=(
         "Name patterns of parameters whose trust ratio is 1 "
         f"({', '.join(n for n in rule_names() if rule_spec(n).trust_ratio)}); 1-D parameters are always excluded."))
     lr_multipliers: dict[str, PosFloat] = Field(default_factory=dict)

@@ -27,9 +27,9 @@ to ``engine.backward(loss)``.
 
 Checkpoints: ``opt.save_checkpoint(dir, tag)`` / ``opt.load_checkpoint(dir, tag)`` use DeepSpeed's
 own format (at stage 0 its optimizer entry is the client's gathered state, loadable at any world
-size). At stage 0 the adapter also exposes the native engine's ``layout``, ``shard_state``,
-``shard_rank``, ``rule`` and ``load_state_dict`` format, so dist-opt's DCP checkpoints (the
-``checkpoint.*`` keys, ``resume``) work unchanged. At stages 1/2 ``opt.state_dict()`` is DeepSpeed's
+size). At stage 0 the adapter also exposes the engine optimizers' state API (``shard_specs``,
+``sharded_state``, ``shard_state_dict``, ``load_state_dict``, see :mod:`dist_opt.engine.state_api`),
+so dist-opt's DCP checkpoints (the ``checkpoint.*`` keys, ``resume``) work unchanged. At stages 1/2 ``opt.state_dict()`` is DeepSpeed's
 ZeRO state of this rank (same world size only; ``load_state_dict`` is collective).
 """
 
@@ -48,6 +48,8 @@ from torch import nn
 
 from dist_opt.config.loader import ConfigError
 from dist_opt.config.schema import Config
+from dist_opt.engine.core import GroupOptions
+from dist_opt.engine.state_codec import ShardSpec
 from dist_opt.integrations.pieces import ChunkedOptimizer, LocalRuleOptimizer
 
 #: keys dist-opt derives itself; the message says which dist-opt key to set instead
@@ -188,20 +190,14 @@ def build_deepspeed(
     _skip_shm_kernel_build()
     o = cfg.optimizer
     rule = rule_from_config(o)
-    common = dict(
-        lr=lr,
-        weight_decay=o.weight_decay,
-        exclude_from_weight_decay=o.exclude_from_weight_decay,
-        exclude_from_trust_ratio=o.exclude_from_trust_ratio,
-        lr_multipliers=o.lr_multipliers,
-    )
+    groups = GroupOptions.from_config(o)
     stage = cfg.distributed.zero_stage
     if stage == 0:
         client: torch.optim.Optimizer = ChunkedOptimizer(
-            model.named_parameters(), rule, max_grad_norm=o.max_grad_norm, **common
+            model.named_parameters(), rule, lr=lr, groups=groups, max_grad_norm=o.max_grad_norm
         )
     else:
-        client = LocalRuleOptimizer(model.named_parameters(), rule, **common)
+        client = LocalRuleOptimizer(model.named_parameters(), rule, lr=lr, groups=groups)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=ds_cfg)
     opt = DeepSpeedOptimizer(
         engine,
@@ -349,18 +345,17 @@ class DeepSpeedOptimizer:
             )
         return self.client
 
-    @property
-    def layout(self) -> Any:
-        """The native layout of the state chunks (stage 0)."""
-        return self._chunked().layout
+    def shard_specs(self) -> list[ShardSpec]:
+        """Stage 0: where this rank's chunk of every parameter's state lies (the native layout)."""
+        return self._chunked().shard_specs()
 
-    @property
-    def shard_state(self) -> dict[str, list[torch.Tensor]]:
-        return self._chunked().shard_state
+    def sharded_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Stage 0: ``{param_name: {state_key: this rank's valid piece}}``."""
+        return self._chunked().sharded_state()
 
-    @property
-    def shard_rank(self) -> int:
-        return self._chunked().shard_rank
+    def load_sharded_state(self, state: dict[str, dict[str, torch.Tensor]], offsets: dict[str, int] | None = None) -> None:
+        """Stage 0: load pieces of the state (see ``PieceOptimizer.load_sharded_state``)."""
+        self._chunked().load_sharded_state(state, offsets)
 
     @property
     def rule(self) -> Any:

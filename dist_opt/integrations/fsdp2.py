@@ -23,7 +23,7 @@ place into ``opt.state_dict()``'s tensors, then call ``opt.load_state_dict`` wit
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from dist_opt.config.loader import ConfigError
 from dist_opt.config.schema import Config
-from dist_opt.integrations.pieces import PieceOptimizer
+from dist_opt.engine.core import GroupOptions, PieceOptimizer
+from dist_opt.engine.state_codec import ShardSpec
 from dist_opt.optim.base import Rule
 
 CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
@@ -85,16 +86,7 @@ def build_fsdp2(
             m.set_gradient_divide_factor(float(world * accum))
     o = cfg.optimizer
     rule = rule_from_config(o)
-    opt = FSDP2Optimizer(
-        model,
-        rule,
-        lr=lr,
-        weight_decay=o.weight_decay,
-        max_grad_norm=o.max_grad_norm,
-        exclude_from_weight_decay=o.exclude_from_weight_decay,
-        exclude_from_trust_ratio=o.exclude_from_trust_ratio,
-        lr_multipliers=o.lr_multipliers,
-    )
+    opt = FSDP2Optimizer(model, rule, lr=lr, groups=GroupOptions.from_config(o), max_grad_norm=o.max_grad_norm)
     return model, opt
 
 
@@ -115,6 +107,11 @@ class FSDP2Optimizer(PieceOptimizer):
             raise ValueError(f"{type(rule).__name__} needs whole parameters; FSDP2 shards them")
         self.model = model
         super().__init__(named, rule, **kw)
+        self._specs = [_row_spec(n, p) for n, p in zip(self.layer_names, self.layer_params, strict=True)]
+
+    def shard_specs(self) -> list[ShardSpec]:
+        """This rank's rows of every parameter (FSDP2's dim-0 split, ``ceil(d0 / N)`` rows per rank)."""
+        return list(self._specs)
 
     def param_pieces(self) -> list[Tensor]:
         return [p.to_local().view(-1) for p in self.layer_params]
@@ -128,6 +125,15 @@ class FSDP2Optimizer(PieceOptimizer):
             else:
                 out.append(p.grad.to_local().view(-1))
         return out
+
+    def owned_params(self) -> list[Tensor]:
+        """The local shards (the parameters are split over the ranks already)."""
+        return self.param_pieces()
+
+    @torch.no_grad()
+    def gather_params(self, pieces: Sequence[Tensor]) -> None:
+        """Set the local shards from ``pieces`` (no communication: the parameters stay sharded)."""
+        torch._foreach_copy_(self.param_pieces(), list(pieces))
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -143,23 +149,13 @@ class FSDP2Optimizer(PieceOptimizer):
         from torch.distributed.tensor import DTensor
 
         state: dict[str, dict[str, Any]] = {}
-        for i, (name, p) in enumerate(zip(self.layer_names, self.layer_params, strict=True)):
-            entry = {}
-            for k, bufs in self.shard_state.items():
-                piece = bufs[i]
-                entry[k] = (
-                    piece
-                    if piece.dim() == 0
-                    else DTensor.from_local(
-                        piece.view(p.to_local().shape),
-                        p.device_mesh,
-                        p.placements,
-                        shape=p.shape,
-                        stride=p.stride(),
-                        run_check=False,
-                    )
-                )
-            state[name] = entry
+        for name, p, entry in zip(self.layer_names, self.layer_params, self.sharded_state().values(), strict=True):
+            state[name] = {
+                k: piece if piece.dim() == 0 else DTensor.from_local(
+                    piece.view(p.to_local().shape), p.device_mesh, p.placements, shape=p.shape,
+                    stride=p.stride(), run_check=False)
+                for k, piece in entry.items()
+            }
         return {"state": state, **self._counters()}
 
     def shard_state_dict(self) -> dict[str, Any]:
@@ -172,40 +168,34 @@ class FSDP2Optimizer(PieceOptimizer):
         from torch.distributed.tensor import DTensor
 
         st = state_dict["state"]
-        missing = [n for n in self.layer_names if n not in st]
-        if missing:
-            raise KeyError(f"optimizer state has no entry for parameters: {', '.join(missing[:5])}")
-        for i, (name, p) in enumerate(zip(self.layer_names, self.layer_params, strict=True)):
-            for k, bufs in self.shard_state.items():
-                if k not in st[name]:
-                    raise KeyError(f"optimizer state of {name} lacks {k!r}")
-                src, dst = st[name][k], bufs[i]
-                if dst.dim() == 0:
-                    dst.copy_(src.full_tensor() if isinstance(src, DTensor) else src)
-                    continue
+        pieces: dict[str, dict[str, Tensor]] = {}
+        offsets: dict[str, int] = {}
+        for s, p in zip(self._specs, self.layer_params, strict=True):
+            if s.name not in st:
+                continue  # load_sharded_state names every missing parameter
+            entry = pieces[s.name] = {}
+            offsets[s.name] = s.offset
+            for k, src in st[s.name].items():
+                if src.dim() > 0 and tuple(src.shape) != tuple(p.shape):
+                    raise ValueError(f"optimizer state {s.name}.{k}: shape {tuple(src.shape)} for a "
+                                     f"parameter {tuple(p.shape)}")
                 if isinstance(src, DTensor):
-                    if tuple(src.placements) != tuple(p.placements):
+                    if src.dim() > 0 and tuple(src.placements) != tuple(p.placements):
                         src = src.redistribute(p.device_mesh, p.placements)
-                    local = src.to_local()
-                else:
-                    local = self._my_rows(src, p)
-                if local.numel() != dst.numel():
-                    raise ValueError(
-                        f"optimizer state {name}.{k}: local shard has {local.numel()} elements, "
-                        f"this rank's shard of {tuple(p.shape)} has {dst.numel()}"
-                    )
-                dst.copy_(local.reshape(-1))
+                    src = src.full_tensor() if src.dim() == 0 else src.to_local()
+                elif src.dim() > 0:
+                    src = src.reshape(-1)[s.offset : s.end]
+                entry[k] = src
+        self.load_sharded_state(pieces, offsets)
         self._load_counters(state_dict)
 
-    @staticmethod
-    def _my_rows(full: Tensor, p: Any) -> Tensor:
-        """This rank's dim-0 rows of a full tensor, as FSDP2 shards (ceil(d0 / N) rows per rank)."""
-        if tuple(full.shape) != tuple(p.shape):
-            raise ValueError(
-                f"full optimizer state of shape {tuple(full.shape)} for a parameter {tuple(p.shape)}"
-            )
-        world, rank = p.device_mesh.size(), p.device_mesh.get_local_rank()
-        d0 = full.shape[0]
-        rows = -(-d0 // world)
-        lo = min(rank * rows, d0)
-        return full[lo : min(lo + rows, d0)]
+
+def _row_spec(name: str, p: Any) -> ShardSpec:
+    """This rank's rows of a DTensor parameter sharded on dim 0, as elements of the flattened one."""
+    shape, numel = tuple(p.shape), p.numel()
+    world, rank = p.device_mesh.size(), p.device_mesh.get_local_rank()
+    d0 = shape[0] if shape else 1
+    rows = -(-d0 // world)
+    row = numel // d0 if d0 else 0
+    lo = min(rank * rows, d0)
+    return ShardSpec(name, shape, numel, lo * row, p.to_local().numel(), rows * row, world)
