@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launch.errors import LaunchError
-from launch.hostfile import Host
+from dist_opt.launch.errors import LaunchError
+from dist_opt.launch.hostfile import Host
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 
-from launch.errors import LaunchError
+from dist_opt.launch.errors import LaunchError
 
 ALLOWED_NAMES = frozenset({
     "PYTHONPATH", "PYTHONHASHSEED", "PYTHONUNBUFFERED", "PYTHONWARNINGS", "PYTHONFAULTHANDLER",

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from launch.backends.common import master_port, no_restarts, node_env
-from launch.errors import LaunchError
-from launch.hostfile import is_local
-from launch.plan import Plan, Proc, Request
+from dist_opt.launch.backends.common import master_port, no_restarts, node_env
+from dist_opt.launch.errors import LaunchError
+from dist_opt.launch.hostfile import is_local
+from dist_opt.launch.plan import Plan, Proc, Request
 
 
 def build(req: Request) -> Plan:

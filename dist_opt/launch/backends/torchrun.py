@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from launch.backends.common import master_addr, master_port, node_env
-from launch.hostfile import is_local
-from launch.plan import Plan, Proc, Request, endpoint, node_label
+from dist_opt.launch.backends.common import master_addr, master_port, node_env
+from dist_opt.launch.hostfile import is_local
+from dist_opt.launch.plan import Plan, Proc, Request, endpoint, node_label
 
 
 def build(req: Request) -> Plan:

@@ -12,11 +12,11 @@ import shutil
 from collections.abc import Mapping
 
 from dist_opt.dist.slurm import hostnames
-from launch.backends.common import no_restarts, node_env
-from launch.envvars import omp_threads
-from launch.errors import LaunchError
-from launch.plan import Plan, Proc, Request
-from launch.selection import Node
+from dist_opt.launch.backends.common import no_restarts, node_env
+from dist_opt.launch.envvars import omp_threads
+from dist_opt.launch.errors import LaunchError
+from dist_opt.launch.plan import Plan, Proc, Request
+from dist_opt.launch.selection import Node
 
 
 def _leading_int(text: str) -> int | None:

@@ -1,6 +1,6 @@
 """ssh command lines for remote nodes. Everything a user typed is an argv item or shlex-quoted.
 
-A remote node runs ``cd CWD && exec PYTHON -m launch.remote -- ARGV...``; the environment
+A remote node runs ``cd CWD && exec PYTHON -m dist_opt.launch.remote -- ARGV...``; the environment
 travels on ssh's stdin (never on a command line, where ``ps`` would show secrets), and the
 open stdin doubles as a lifeline: when the launcher goes away the remote side kills its ranks.
 """
@@ -11,7 +11,7 @@ import shlex
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
-from launch.plan import SshOptions
+from dist_opt.launch.plan import SshOptions
 
 
 def ssh_argv(host: str, remote_command: str, opts: SshOptions) -> list[str]:
@@ -29,7 +29,7 @@ def ssh_argv(host: str, remote_command: str, opts: SshOptions) -> list[str]:
 
 def remote_command(python: str, cwd: str, argv: list[str], pythonpath: str | None = None) -> str:
     """Shell string for the remote login shell: change directory, then exec the node shim."""
-    shim = [python, "-m", "launch.remote", "--", *argv]
+    shim = [python, "-m", "dist_opt.launch.remote", "--", *argv]
     if pythonpath:
         shim = ["env", f"PYTHONPATH={pythonpath}", *shim]
     return f"cd {shlex.quote(cwd)} && exec {shlex.join(shim)}"

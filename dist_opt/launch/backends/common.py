@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launch.envvars import forwarded_env, omp_threads
-from launch.errors import LaunchError
-from launch.hostfile import is_local
-from launch.plan import Request, free_port
+from dist_opt.dist.ports import free_port
+from dist_opt.launch.envvars import forwarded_env, omp_threads
+from dist_opt.launch.errors import LaunchError
+from dist_opt.launch.hostfile import is_local
+from dist_opt.launch.plan import Request
 
 DEFAULT_PORT = 29500
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import shutil
 
-from launch.backends.common import master_addr, no_restarts, node_env, sibling_executable
-from launch.errors import LaunchError
-from launch.plan import Plan, Proc, Request, SshOptions
+from dist_opt.launch.backends.common import master_addr, no_restarts, node_env, sibling_executable
+from dist_opt.launch.errors import LaunchError
+from dist_opt.launch.plan import Plan, Proc, Request, SshOptions
 
 _ROOT_VARS = ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import shlex
 
-from launch.envvars import is_secret
-from launch.plan import Plan, SshOptions
-from launch.ssh import remote_command, ssh_argv
+from dist_opt.launch.envvars import is_secret
+from dist_opt.launch.plan import Plan, SshOptions
+from dist_opt.launch.ssh import remote_command, ssh_argv
 
 
 def _env_words(env: dict[str, str]) -> list[str]:

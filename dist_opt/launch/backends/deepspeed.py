@@ -13,9 +13,15 @@ from __future__ import annotations
 import base64
 import json
 
-from launch.backends.common import master_addr, master_port, no_restarts, node_env, sibling_executable
-from launch.hostfile import is_local
-from launch.plan import Plan, Proc, Request, node_label
+from dist_opt.launch.backends.common import (
+    master_addr,
+    master_port,
+    no_restarts,
+    node_env,
+    sibling_executable,
+)
+from dist_opt.launch.hostfile import is_local
+from dist_opt.launch.plan import Plan, Proc, Request, node_label
 
 
 def world_info(req: Request) -> str:

@@ -14,15 +14,15 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from launch.backends import BUILDERS
-from launch.backends.slurm import allocation_nodes, cores_on_node
-from launch.dryrun import render
-from launch.envvars import parse_env_assignments, usable_cores
-from launch.errors import LaunchError, LaunchFailure
-from launch.hostfile import is_local, is_valid_host, read_hostfile
-from launch.plan import Request, SshOptions
-from launch.selection import Node, nodes_without_hostfile, select_nodes
-from launch.supervisor import Supervisor
+from dist_opt.launch.backends import BUILDERS
+from dist_opt.launch.backends.slurm import allocation_nodes, cores_on_node
+from dist_opt.launch.dryrun import render
+from dist_opt.launch.envvars import parse_env_assignments, usable_cores
+from dist_opt.launch.errors import LaunchError, LaunchFailure
+from dist_opt.launch.hostfile import is_local, is_valid_host, read_hostfile
+from dist_opt.launch.plan import Request, SshOptions
+from dist_opt.launch.selection import Node, nodes_without_hostfile, select_nodes
+from dist_opt.launch.supervisor import Supervisor
 
 DEFAULT_MODULE = "dist_opt.train"
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -180,7 +180,7 @@ def make_request(args: argparse.Namespace) -> Request:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``dist-opt launch`` and ``python -m launch``."""
+    """Entry point of ``dist-opt launch`` and ``python -m dist_opt.launch``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:

@@ -20,9 +20,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from launch.errors import LaunchFailure
-from launch.plan import Plan, Proc, SshOptions
-from launch.ssh import check_reachable, remote_command, ssh_argv
+from dist_opt.launch.errors import LaunchFailure
+from dist_opt.launch.plan import Plan, Proc, SshOptions
+from dist_opt.launch.ssh import check_reachable, remote_command, ssh_argv
 
 POLL_S = 0.1
 
