@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from deepspeed.launcher.runner import encode_world_info
+from environment import require_or_skip
 
 from dist_opt.dist.env import detect
 from dist_opt.launch.backends import deepspeed, local, mpirun, slurm, torchrun
@@ -163,8 +164,9 @@ def test_mpirun_one_mpiexec_with_hosts_slots_and_exported_names():
     assert a[-7:] == [PY, "-u", "-m", "dist_opt.train", "/cfg/tiny.yaml", "train.steps=3", WEIRD]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the root refusal only applies when running as root")
 def test_mpirun_as_root_needs_an_explicit_opt_in():
+    if os.geteuid() != 0:
+        require_or_skip("the root refusal only applies when running as root")
     with pytest.raises(LaunchError, match="--allow-run-as-root"):
         mpirun.build(request("mpirun", [Node("localhost", (0, 1))], dry_run=True))
     env = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
