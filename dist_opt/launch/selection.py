@@ -1,7 +1,7 @@
 """Which hosts and slots a launch uses: hostfile, DeepSpeed-style --include/--exclude, --nnodes, --nproc-per-node.
 
-``--include``/``--exclude`` use DeepSpeed's syntax ``NODE_SPEC[@NODE_SPEC ...]`` with
-``NODE_SPEC = NAME[:SLOT[,SLOT ...]]`` and the same meaning: include keeps only the named
+``--include``/``--exclude`` use DeepSpeed's syntax ``NODE[@NODE ...]`` with
+``NODE = NAME[:SLOT[,SLOT ...]]`` and the same meaning: include keeps only the named
 hosts (all their slots, or the listed ones), exclude drops the listed slots or whole hosts.
 Hosts keep their hostfile order, which is also the node rank order.
 """
