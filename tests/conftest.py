@@ -62,7 +62,11 @@ def _tier(item: pytest.Item) -> str | None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         module = item.module.__name__ if item.module is not None else ""
-        slow = module in SLOW_MODULES or _test_id(item) in SLOW_TESTS or item.get_closest_marker("slow") is not None
+        slow = (
+            module in SLOW_MODULES
+            or _test_id(item) in SLOW_TESTS
+            or item.get_closest_marker("slow") is not None
+        )
         if slow and item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.slow)
         tier = _tier(item)

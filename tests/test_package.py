@@ -29,8 +29,24 @@ def wheel(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("src") / "dist-opt"
     shutil.copytree(REPO, src, ignore=_not_source)
     out = tmp_path_factory.mktemp("wheel")
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                           "-q", "-w", str(out), str(src)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(out),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     [whl] = out.glob("dist_opt-*.whl")
     return whl
@@ -49,9 +65,15 @@ def test_wheel_top_level_is_only_dist_opt(wheel):
 def test_wheel_has_the_launcher_and_the_console_script(wheel):
     zf = zipfile.ZipFile(wheel)
     names = set(zf.namelist())
-    for module in ("dist_opt/launch/__main__.py", "dist_opt/launch/remote.py", "dist_opt/launch/cli.py",
-                   "dist_opt/dist/__init__.py", "dist_opt/engine/__init__.py", "dist_opt/optim/__init__.py",
-                   "dist_opt/optim/shampoo/__init__.py"):
+    for module in (
+        "dist_opt/launch/__main__.py",
+        "dist_opt/launch/remote.py",
+        "dist_opt/launch/cli.py",
+        "dist_opt/dist/__init__.py",
+        "dist_opt/engine/__init__.py",
+        "dist_opt/optim/__init__.py",
+        "dist_opt/optim/shampoo/__init__.py",
+    ):
         assert module in names, module
     [entry_points] = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     assert "dist-opt = dist_opt.cli:main" in zf.read(entry_points).decode()

@@ -42,14 +42,20 @@ def _parse_filter(text: str, hosts: dict[str, int], flag: str) -> dict[str, list
                 except ValueError:
                     raise LaunchError(f"{flag} {text!r}: slot {part!r} is not an integer") from None
                 if not 0 <= slot < hosts[name]:
-                    raise LaunchError(f"{flag} {text!r}: host {name!r} has no slot {slot} "
-                                      f"(slots 0..{hosts[name] - 1})")
+                    raise LaunchError(
+                        f"{flag} {text!r}: host {name!r} has no slot {slot} (slots 0..{hosts[name] - 1})"
+                    )
                 slots.append(slot)
     return spec
 
 
-def select_nodes(hosts: list[Host], include: str = "", exclude: str = "", nnodes: int | None = None,
-                 nproc_per_node: int | None = None) -> list[Node]:
+def select_nodes(
+    hosts: list[Host],
+    include: str = "",
+    exclude: str = "",
+    nnodes: int | None = None,
+    nproc_per_node: int | None = None,
+) -> list[Node]:
     """The nodes (in rank order) and slots to launch on."""
     if include and exclude:
         raise LaunchError("--include and --exclude are mutually exclusive")

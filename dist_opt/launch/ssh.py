@@ -16,8 +16,18 @@ from dist_opt.launch.plan import SshOptions
 
 def ssh_argv(host: str, remote_command: str, opts: SshOptions) -> list[str]:
     """The local argv that runs ``remote_command`` (one shell string) on ``host``."""
-    argv = ["ssh", "-T", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={opts.connect_timeout}",
-            "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
+    argv = [
+        "ssh",
+        "-T",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        f"ConnectTimeout={opts.connect_timeout}",
+        "-o",
+        "ServerAliveInterval=15",
+        "-o",
+        "ServerAliveCountMax=4",
+    ]
     if opts.config:
         argv += ["-F", opts.config]
     if opts.port is not None:
@@ -40,8 +50,13 @@ def check_reachable(hosts: list[str], opts: SshOptions) -> dict[str, str]:
 
     def probe(host: str) -> tuple[str, str | None]:
         try:
-            done = subprocess.run(ssh_argv(host, "true", opts), stdin=subprocess.DEVNULL,
-                                  capture_output=True, text=True, timeout=opts.connect_timeout + 20)
+            done = subprocess.run(
+                ssh_argv(host, "true", opts),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=opts.connect_timeout + 20,
+            )
         except subprocess.TimeoutExpired:
             return host, f"ssh did not finish within {opts.connect_timeout + 20} s"
         except OSError as e:

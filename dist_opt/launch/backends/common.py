@@ -20,8 +20,10 @@ def master_addr(req: Request) -> str:
     first = req.nodes[0].host
     if req.multi_node:
         if any(is_local(n.host) and n.host is not None for n in req.nodes):
-            raise LaunchError("localhost cannot be one of several nodes (the others could not reach it); "
-                              "name this machine by an address the other nodes can reach")
+            raise LaunchError(
+                "localhost cannot be one of several nodes (the others could not reach it); "
+                "name this machine by an address the other nodes can reach"
+            )
         if first is None:
             raise LaunchError("--master-addr is needed when the nodes are not named by a hostfile")
         return first
