@@ -42,7 +42,7 @@ RUN python3 -m venv "${VIRTUAL_ENV}" \
     && pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
 WORKDIR /opt/dist-opt
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY dist_opt ./dist_opt
 COPY configs ./configs
 # DeepSpeed's sdist imports torch while building, so build against the torch installed above.
