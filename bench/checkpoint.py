@@ -1,4 +1,4 @@
-"""Checkpoint save/load of the 25M-parameter model with AdamW state on 2 ranks (issue 6).
+"""Checkpoint save/load of the 25M-parameter model with AdamW state on 2 ranks.
 
     python -m bench.checkpoint [--world 2] [--repeats 3] [--dir DIR] [--out bench/results/checkpoint.md]
 

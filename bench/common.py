@@ -15,21 +15,15 @@ import os
 import platform
 import queue
 import resource
-import socket
 import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+from dist_opt.dist.ports import free_port
+
 WIDTH, HIDDEN, BLOCKS = 512, 2048, 12
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def limit_threads() -> None:

@@ -1,4 +1,4 @@
-"""Large-batch study (issue 10): steps-to-target vs batch size, LR scaling, and the critical batch size.
+"""Large-batch study: steps-to-target vs batch size, LR scaling, and the critical batch size.
 
     python -m bench.large_batch [--task synthetic|digits|stdlib_lm] [--optimizers sgd,momentum,...]
         [--batches 32,64,...,4096] [--seeds 5] [--budget-minutes 30] [--target LOSS]

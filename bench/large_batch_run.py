@@ -234,7 +234,7 @@ class FixedEval:
 
 
 def measure_b_simple(trainer: Any, b_small: int, b_big: int, draws: int) -> tuple[float, float, float]:
-    """B_simple of ``trainer.model`` as data parallelism would see it (SPEC 8), without training.
+    """B_simple of ``trainer.model`` as data parallelism would see it (McCandlish et al. 2018), without training.
 
     Each draw takes ``b_big`` fresh training samples, splits them into ``b_big // b_small``
     "ranks" of ``b_small``, and feeds ``mean_r |G_r|^2`` and ``|mean_r G_r|^2`` to

@@ -409,7 +409,7 @@ def render_profiles(rows: Sequence[dict[str, Any]], limit: float = 2.0) -> str:
 
 
 def check_targets(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """The issue's targets as 'PASS/MISS: ...' lines (only for rows that ran)."""
+    """The benchmark's targets as 'PASS/MISS: ...' lines (only for rows that ran)."""
     by = {r["key"]: r for r in rows if r["ok"]}
     base = by.get(BASELINE)
     out = []
@@ -574,7 +574,7 @@ def render(rows: Sequence[dict[str, Any]], info: dict[str, Any], command: str) -
         f"Command: `{command}`  ", f"Date: {m['date']}  ", f"Machine: {machine}  ",
         f"World: {info['world']} ranks (gloo, CPU, OMP_NUM_THREADS=1); Ψ = {params:,} parameters; "
         f"{s['warmup']} warmup + {s['steps']} timed steps, best of {info['rounds']} round(s)", "",
-        *_load_warning(rows, info["world"]), "## Results", "", render_table(rows), "", "## Targets (issue 3)", "",
+        *_load_warning(rows, info["world"]), "## Results", "", render_table(rows), "", "## Targets", "",
         *(check_targets(rows) or ["- (no target configurations ran)"]), "",
         "## Where the update's time goes (torch.profiler, self CPU time, rank 0)", "", render_profiles(rows), "",
         "## Details", "", render_details(rows, info["bw2"]), "", "## Method", "", notes,

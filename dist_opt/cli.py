@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return train_main(rest)
     if cmd == "launch":
-        from launch.cli import main as launch_main
+        from dist_opt.launch.cli import main as launch_main
 
         return launch_main(rest)
     if cmd == "schedule":

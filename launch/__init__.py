@@ -1,21 +1,24 @@
-"""dist-opt launchers: ``dist-opt launch`` (torchrun, deepspeed, mpirun, slurm, local) over hostfiles.
+"""Deprecated location of the dist-opt launcher, kept only in the source checkout.
 
-Builds argv lists and environments per node (``launch.backends``), prints them (``--dry-run``)
-or starts and supervises them (``launch.supervisor``), over ssh for other hosts. Never imports
-torch; the ranks run ``python -m dist_opt.train CONFIG [key=value ...]``. Importing this package
-is cheap (the node shim ``python -m launch.remote`` imports nothing else from it).
+The launcher lives in :mod:`dist_opt.launch` (``dist-opt launch`` or ``python -m dist_opt.launch``).
+This directory is not part of the installed package; ``python -m launch ...`` from a checkout
+still works and warns.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+
+MESSAGE = "`python -m launch` is deprecated; use `python -m dist_opt.launch` (or `dist-opt launch`)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``dist-opt launch`` entry point (see :func:`launch.cli.main`)."""
-    from launch.cli import main as cli_main
+    """Deprecated alias of :func:`dist_opt.launch.main`."""
+    warnings.warn(MESSAGE, DeprecationWarning, stacklevel=2)
+    from dist_opt.launch import main as launch_main
 
-    return cli_main(argv)
+    return launch_main(argv)
 
 
-__all__ = ["main"]
+__all__ = ["MESSAGE", "main"]

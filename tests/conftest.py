@@ -1,3 +1,16 @@
+"""Shared fixtures (gloo process groups) and the test tiers.
+
+``pytest -m unit`` (quick) / ``-m dist`` / ``-m multinode`` select disjoint sets; ``slow`` marks
+long tests on top of that (a slow test is never ``unit``: one that would be is only ``slow``):
+
+- ``multinode``: the modules in ``MULTINODE_MODULES`` (network namespaces + sshd);
+- ``dist``: tests that use the spawned-rank fixtures (``world2``, ``world3``), the modules in
+  ``DIST_MODULES`` and the tests in ``DIST_TESTS`` (real launches, torchrun, spawned processes);
+- ``unit``: everything else that is not ``slow``.
+
+A test module may also set its own marker (``pytestmark = pytest.mark.dist``); it then keeps it.
+"""
+
 import os
 
 import pytest
@@ -7,6 +20,60 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 from harness import DistHarness  # noqa: E402
+
+TIERS = ("unit", "dist", "multinode")
+SPAWNING_FIXTURES = {"world2", "world3"}
+MULTINODE_MODULES = {"test_launch_multinode"}
+DIST_MODULES = {
+    "test_bench_step",  # benchmark ranks
+    "test_checkpoint",  # torchrun restarts, killed ranks
+    "test_engines",  # DeepSpeed / FSDP2 on gloo ranks, the real deepspeed launcher
+    "test_faults",  # signals to real launches
+    "test_launch_run",  # torchrun, deepspeed, mpiexec and local launches
+}
+# single tests in otherwise quick modules that start ranks or whole training processes
+DIST_TESTS = {
+    "test_large_batch.py::test_tiny_sweep_writes_well_formed_report_and_plot",  # a pool of spawned workers
+    "test_readme.py::test_python_example_runs_on_two_ranks",  # torchrun
+    "test_tracking.py::test_killed_and_resumed_run_continues_same_wandb_run",  # a crashing training process
+    "test_train.py::test_cli_under_torchrun_matches_in_process_run",  # torchrun
+}
+SLOW_MODULES = {"test_bench_step", "test_package"}  # benchmark runs, a wheel build
+SLOW_TESTS = {"test_large_batch.py::test_tiny_sweep_writes_well_formed_report_and_plot"}  # about a minute
+
+
+def _test_id(item: pytest.Item) -> str:
+    """``test_x.py::test_name`` without the directory and the parameters."""
+    return item.nodeid.split("/")[-1].split("[")[0]
+
+
+def _tier(item: pytest.Item) -> str | None:
+    own = [t for t in TIERS if item.get_closest_marker(t)]
+    if own:
+        return None  # set by the test module itself
+    module = item.module.__name__ if item.module is not None else ""
+    if module in MULTINODE_MODULES:
+        return "multinode"
+    if module in DIST_MODULES or _test_id(item) in DIST_TESTS or SPAWNING_FIXTURES & set(item.fixturenames):
+        return "dist"
+    return "unit"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__ if item.module is not None else ""
+        slow = (
+            module in SLOW_MODULES
+            or _test_id(item) in SLOW_TESTS
+            or item.get_closest_marker("slow") is not None
+        )
+        if slow and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
+        tier = _tier(item)
+        if tier == "unit" and slow:
+            continue  # slow tests are never part of the quick tier
+        if tier is not None:
+            item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Plain, per-tensor LARS and LAMB written straight from the papers (SPEC §3-4), for tests only."""
+"""Plain, per-tensor LARS and LAMB written straight from the papers (LARS: You et al. 2017, LAMB: You et al. 2020), for tests only."""
 
 from __future__ import annotations
 

@@ -47,16 +47,38 @@ def test_results_table_is_well_formed(quick):
     assert lines[start + 2 + len(KEYS)] == ""  # the table ends there
     labels = {c["key"]: c["label"] for c in step.CONFIGS}
     assert [r[0] for r in body] == [labels[k] for k in KEYS]
-    for r in body:
-        assert len(r) == len(header), r
-        assert float(r[1]) > 0  # step ms
-        assert re.fullmatch(r"\d+\.\d\d×", r[2]), r
-        assert re.fullmatch(r"\d+(\.\d+)? (MiB|GiB)", r[3]), r
-        assert re.fullmatch(r"\d+\.\d+ \((28|40)\)", r[8]), r
-    assert body[0][2] == "1.00×"  # the baseline against itself
+    assert all(r["ok"] for r in rows) and [r["key"] for r in rows] == KEYS
+    for cells in body:
+        assert len(cells) == len(header), cells
+        assert re.fullmatch(r"\d+\.\d", cells[1]) and float(cells[1]) > 0, cells  # step ms
+        assert re.fullmatch(r"\d+\.\d\d×", cells[2]), cells
+        assert re.fullmatch(r"\d+(\.\d+)? (KiB|MiB|GiB)", cells[3]), cells
+        assert re.fullmatch(r"\d+\.\d+ \((28|40)\)", cells[8]), cells
     targets = text[text.index("## Targets"):text.index("## Details")]
     assert re.search(r"^- (PASS|MISS): dist-opt adamw zero 2 step time", targets, re.M)
-    assert all(r["ok"] for r in rows)
+
+
+@pytest.mark.timeout(240)
+def test_dist_opt_ratios_are_against_the_baseline_of_the_same_run(quick):
+    """Each row's "× DDP+AdamW" and "× unsharded" cells are its own measurement divided by the DDP
+    row's measurement from this very run, and "× bound" is its update time over its own bound."""
+    rows, _, text, _ = quick
+    by = {r["key"]: r for r in rows}
+    base = by[step.BASELINE]
+    lines = text.splitlines()
+    start = lines.index(step.TABLE_HEADER)
+    cells = {k: _cells(lines[start + 2 + i]) for i, k in enumerate(KEYS)}
+    for key in ("distopt-adamw-z0", "distopt-adamw-z2"):
+        r, c = by[key], cells[key]
+        for field in ("step_s", "update_s", "bound_s", "state_bytes", "comm_bytes"):
+            assert r[field] is not None and math.isfinite(r[field]) and r[field] > 0, (key, field, r[field])
+        assert c[1] == f"{1e3 * r['step_s']:.1f}"
+        assert c[2] == f"{r['step_s'] / base['step_s']:.2f}×"
+        assert c[4] == f"{r['state_bytes'] / base['state_bytes']:.2f}×"
+        assert c[9] == f"{r['update_s'] / r['bound_s']:.2f}×"
+    # what the ratios must say whatever the timings: replicated state equals DDP's, ZeRO-2 halves it on 2 ranks
+    assert cells["distopt-adamw-z0"][4] == "1.00×"
+    assert float(cells["distopt-adamw-z2"][4].rstrip("×")) <= 0.52
 
 
 @pytest.mark.timeout(240)

@@ -1,4 +1,4 @@
-"""Sharded engine features: SPEC §9 errata, zero-norm guards, non-finite skip, clipping on the
+"""Sharded engine features: the pseudo-code errata of docs/algorithms.md, zero-norm guards, non-finite skip, clipping on the
 reduced gradient, one all-reduce for all layer norms, communication volume, state memory and
 state_dict resharding."""
 
@@ -30,7 +30,7 @@ def one_tensor_step(rule_name: str, p: torch.Tensor, g: torch.Tensor, lr: float 
     return state, ctx
 
 
-# --- SPEC §9 errata: each line of the table ------------------------------------------------------
+# --- pseudo-code errata (docs/algorithms.md, section 3): each line of the table--------------------------------------------------
 def test_lamb_second_moment_uses_squared_gradient():
     g = torch.tensor([0.5, -2.0, 3.0])
     state, _ = one_tensor_step("lamb", torch.ones(3), g)
@@ -207,7 +207,7 @@ def test_zero2_traffic_is_one_all_reduce_volume(world2):
     assert calls["reduce_scatter"] == n_buckets
     assert calls.get("all_reduce", 0) == step_calls.get("all_reduce", 0)  # no gradient all-reduce
     # reduce-scatter of the (padded) gradients moves (N-1)/N of them and the all-gather of the
-    # parameters the same again: together one all-reduce's bandwidth, not 1.5x (SPEC §1)
+    # parameters the same again: together one all-reduce's bandwidth, not 1.5x (ZeRO)
     assert nbytes["reduce_scatter"] == pytest.approx(full_numel * 4 / 2, rel=0.01)
     assert nbytes["all_gather"] == nbytes["reduce_scatter"]
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from environment import require_or_skip
 
 from dist_opt import diagnose, faults
 from dist_opt.train import EXIT_STOPPED
@@ -413,7 +414,7 @@ def small_filesystem(path: Path, size: str = "1m"):
                        capture_output=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
         if os.geteuid() == 0:
-            pytest.skip("cannot mount a tmpfs here and root ignores directory permissions")
+            require_or_skip("cannot mount a tmpfs here and root ignores directory permissions")
         yield None  # not root: a read-only directory (chmod) does the job
         return
     try:

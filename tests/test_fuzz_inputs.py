@@ -364,8 +364,8 @@ def hostfiles(draw) -> tuple[str, int | None, list[tuple[str, int]]]:
 @FUZZ
 @given(case=hostfiles())
 def test_hostfile_parsing_names_the_first_bad_line(case):
-    from launch.errors import LaunchError
-    from launch.hostfile import parse_hostfile
+    from dist_opt.launch.errors import LaunchError
+    from dist_opt.launch.hostfile import parse_hostfile
 
     text, bad_at, hosts = case
     try:
@@ -398,8 +398,8 @@ def test_dist_opt_launch_rejects_a_bad_hostfile_in_one_line(case):
 
 
 def test_unreadable_hostfiles(tmp_path):
-    from launch.errors import LaunchError
-    from launch.hostfile import read_hostfile
+    from dist_opt.launch.errors import LaunchError
+    from dist_opt.launch.hostfile import read_hostfile
 
     with pytest.raises(LaunchError, match=r"nope: hostfile not found$"):
         read_hostfile(tmp_path / "nope")

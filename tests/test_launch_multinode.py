@@ -3,7 +3,8 @@
 ``dist-opt launch --hostfile`` runs in the root namespace and reaches every node over ssh
 (generated keys, strict host key checking against a generated known_hosts, BatchMode). The ranks
 rendezvous over the namespace network and train together; the result equals one process.
-Skipped only when not root or when ``ip netns`` is unavailable.
+Skipped only when not root or when ``ip netns`` is unavailable (a failure instead with
+``DIST_OPT_REQUIRE_ALL_TESTS=1``, as in CI).
 
 Inside each namespace the machine's hostname resolves to that node's own address (per-namespace
 /etc/hosts, see tests/netns.py), as on a real cluster, so gloo finds the right interface by itself.
@@ -20,10 +21,17 @@ from pathlib import Path
 
 import netns
 import pytest
+from environment import require_or_skip
 from test_launch_run import REPO, TINY, assert_same_run, launch_env, run_launch
 
 REASON = netns.unavailable_reason()
-pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _namespaces_available():
+    """Runs before the module's other fixtures (autouse, module scope): no cluster is built without them."""
+    if REASON is not None:
+        require_or_skip(REASON)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Gradient noise scale (SPEC 8) on a synthetic problem with a known per-sample gradient covariance."""
+"""Gradient noise scale (McCandlish et al. 2018) on a synthetic problem with a known per-sample gradient covariance."""
 
 from __future__ import annotations
 

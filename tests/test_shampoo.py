@@ -1,4 +1,4 @@
-"""Distributed Shampoo (SPEC §5, issue 4).
+"""Distributed Shampoo (docs/algorithms.md, "Shampoo with grafting").
 
 The reference is a plain single-process per-block loop written here from the formulas (blocking,
 statistics, eigendecomposition roots, grafting, first moment, decoupled weight decay); the rule

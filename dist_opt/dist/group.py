@@ -11,13 +11,8 @@ import torch.distributed as dist
 
 from dist_opt.dist.env import DistEnv, LaunchEnvError
 from dist_opt.dist.lifeline import watch_parent
+from dist_opt.dist.ports import free_port
 from dist_opt.dist.slurm import hostnames
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def resolve_backend(backend: str) -> str:

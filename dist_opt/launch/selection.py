@@ -1,7 +1,7 @@
 """Which hosts and slots a launch uses: hostfile, DeepSpeed-style --include/--exclude, --nnodes, --nproc-per-node.
 
-``--include``/``--exclude`` use DeepSpeed's syntax ``NODE_SPEC[@NODE_SPEC ...]`` with
-``NODE_SPEC = NAME[:SLOT[,SLOT ...]]`` and the same meaning: include keeps only the named
+``--include``/``--exclude`` use DeepSpeed's syntax ``NODE[@NODE ...]`` with
+``NODE = NAME[:SLOT[,SLOT ...]]`` and the same meaning: include keeps only the named
 hosts (all their slots, or the listed ones), exclude drops the listed slots or whole hosts.
 Hosts keep their hostfile order, which is also the node rank order.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launch.errors import LaunchError
-from launch.hostfile import Host
+from dist_opt.launch.errors import LaunchError
+from dist_opt.launch.hostfile import Host
 
 
 @dataclass(frozen=True)
@@ -42,14 +42,20 @@ def _parse_filter(text: str, hosts: dict[str, int], flag: str) -> dict[str, list
                 except ValueError:
                     raise LaunchError(f"{flag} {text!r}: slot {part!r} is not an integer") from None
                 if not 0 <= slot < hosts[name]:
-                    raise LaunchError(f"{flag} {text!r}: host {name!r} has no slot {slot} "
-                                      f"(slots 0..{hosts[name] - 1})")
+                    raise LaunchError(
+                        f"{flag} {text!r}: host {name!r} has no slot {slot} (slots 0..{hosts[name] - 1})"
+                    )
                 slots.append(slot)
     return spec
 
 
-def select_nodes(hosts: list[Host], include: str = "", exclude: str = "", nnodes: int | None = None,
-                 nproc_per_node: int | None = None) -> list[Node]:
+def select_nodes(
+    hosts: list[Host],
+    include: str = "",
+    exclude: str = "",
+    nnodes: int | None = None,
+    nproc_per_node: int | None = None,
+) -> list[Node]:
     """The nodes (in rank order) and slots to launch on."""
     if include and exclude:
         raise LaunchError("--include and --exclude are mutually exclusive")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launch.envvars import forwarded_env, omp_threads
-from launch.errors import LaunchError
-from launch.hostfile import is_local
-from launch.plan import Request, free_port
+from dist_opt.dist.ports import free_port
+from dist_opt.launch.envvars import forwarded_env, omp_threads
+from dist_opt.launch.errors import LaunchError
+from dist_opt.launch.hostfile import is_local
+from dist_opt.launch.plan import Request
 
 DEFAULT_PORT = 29500
 
@@ -19,8 +20,10 @@ def master_addr(req: Request) -> str:
     first = req.nodes[0].host
     if req.multi_node:
         if any(is_local(n.host) and n.host is not None for n in req.nodes):
-            raise LaunchError("localhost cannot be one of several nodes (the others could not reach it); "
-                              "name this machine by an address the other nodes can reach")
+            raise LaunchError(
+                "localhost cannot be one of several nodes (the others could not reach it); "
+                "name this machine by an address the other nodes can reach"
+            )
         if first is None:
             raise LaunchError("--master-addr is needed when the nodes are not named by a hostfile")
         return first

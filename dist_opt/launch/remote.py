@@ -1,4 +1,4 @@
-"""Node-side shim: ``python -m launch.remote -- ARGV...`` started over ssh by the launcher.
+"""Node-side shim: ``python -m dist_opt.launch.remote -- ARGV...`` started over ssh by the launcher.
 
 Reads one JSON line ``{"env": {...}}`` from stdin, runs ARGV with that environment added, in
 its own session, and keeps reading stdin: end-of-file means the launcher (or its ssh) is gone,
@@ -53,7 +53,9 @@ def _read_header(fd: int) -> dict[str, str]:
         raise ValueError("no header on stdin (expected one JSON line with 'env')")
     header = json.loads(line)
     env = header.get("env", {})
-    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+    ):
         raise ValueError("header 'env' must map names to strings")
     return env
 
@@ -62,19 +64,23 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv:
-        print("launch.remote: usage: python -m launch.remote -- COMMAND [ARGS...]", file=sys.stderr)
+        print(
+            "dist_opt.launch.remote: usage: python -m dist_opt.launch.remote -- COMMAND [ARGS...]",
+            file=sys.stderr,
+        )
         return 2
     stdin = sys.stdin.fileno()
     try:
         extra = _read_header(stdin)
     except ValueError as e:
-        print(f"launch.remote: {e}", file=sys.stderr)
+        print(f"dist_opt.launch.remote: {e}", file=sys.stderr)
         return 2
     try:
-        proc = subprocess.Popen(argv, env={**os.environ, **extra}, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            argv, env={**os.environ, **extra}, stdin=subprocess.DEVNULL, start_new_session=True
+        )
     except OSError as e:
-        print(f"launch.remote: cannot start {argv[0]!r}: {e}", file=sys.stderr)
+        print(f"dist_opt.launch.remote: cannot start {argv[0]!r}: {e}", file=sys.stderr)
         return 127
 
     def lifeline() -> None:

@@ -12,11 +12,11 @@ import shutil
 from collections.abc import Mapping
 
 from dist_opt.dist.slurm import hostnames
-from launch.backends.common import no_restarts, node_env
-from launch.envvars import omp_threads
-from launch.errors import LaunchError
-from launch.plan import Plan, Proc, Request
-from launch.selection import Node
+from dist_opt.launch.backends.common import no_restarts, node_env
+from dist_opt.launch.envvars import omp_threads
+from dist_opt.launch.errors import LaunchError
+from dist_opt.launch.plan import Plan, Proc, Request
+from dist_opt.launch.selection import Node
 
 
 def _leading_int(text: str) -> int | None:
@@ -24,11 +24,15 @@ def _leading_int(text: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def allocation_nodes(environ: Mapping[str, str], nnodes: int | None, nproc_per_node: int | None) -> list[Node]:
+def allocation_nodes(
+    environ: Mapping[str, str], nnodes: int | None, nproc_per_node: int | None
+) -> list[Node]:
     """The nodes of the current allocation (first ``nnodes``), ``nproc_per_node`` slots each."""
     if not environ.get("SLURM_JOB_ID"):
-        raise LaunchError("--launcher slurm: not inside a SLURM allocation (SLURM_JOB_ID is not set); "
-                          "run it from sbatch or salloc")
+        raise LaunchError(
+            "--launcher slurm: not inside a SLURM allocation (SLURM_JOB_ID is not set); "
+            "run it from sbatch or salloc"
+        )
     nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
     if not nodelist:
         raise LaunchError("--launcher slurm: SLURM_JOB_NODELIST is not set")
@@ -63,8 +67,18 @@ def build(req: Request) -> Plan:
     srun = shutil.which("srun") or "srun"
     if srun == "srun" and not req.dry_run:
         raise LaunchError("--launcher slurm: srun not found on PATH")
-    argv = [srun, f"--nodes={len(hosts)}", f"--nodelist={','.join(hosts)}", f"--ntasks={len(hosts) * per_node}",
-            f"--ntasks-per-node={per_node}", f"--cpus-per-task={cpus}", "--kill-on-bad-exit=1", "--export=ALL",
-            req.python, "-u", *req.entry()]
+    argv = [
+        srun,
+        f"--nodes={len(hosts)}",
+        f"--nodelist={','.join(hosts)}",
+        f"--ntasks={len(hosts) * per_node}",
+        f"--ntasks-per-node={per_node}",
+        f"--cpus-per-task={cpus}",
+        "--kill-on-bad-exit=1",
+        "--export=ALL",
+        req.python,
+        "-u",
+        *req.entry(),
+    ]
     proc = Proc(label="srun (localhost)", host="localhost", argv=argv, env=dict(sorted(env.items())))
     return Plan(launcher="slurm", procs=[proc], world_size=req.world_size)

@@ -13,9 +13,15 @@ from __future__ import annotations
 import base64
 import json
 
-from launch.backends.common import master_addr, master_port, no_restarts, node_env, sibling_executable
-from launch.hostfile import is_local
-from launch.plan import Plan, Proc, Request, node_label
+from dist_opt.launch.backends.common import (
+    master_addr,
+    master_port,
+    no_restarts,
+    node_env,
+    sibling_executable,
+)
+from dist_opt.launch.hostfile import is_local
+from dist_opt.launch.plan import Plan, Proc, Request, node_label
 
 
 def world_info(req: Request) -> str:
@@ -35,15 +41,30 @@ def build(req: Request) -> Plan:
         node = req.nodes[0]
         runner = sibling_executable(req.python, "deepspeed")
         head = [runner] if runner else [req.python, "-m", "deepspeed.launcher.runner"]
-        argv = [*head, f"--num_gpus={node.nproc}", f"--master_addr={addr}", f"--master_port={port}",
-                *_flags(req)]
+        argv = [
+            *head,
+            f"--num_gpus={node.nproc}",
+            f"--master_addr={addr}",
+            f"--master_port={port}",
+            *_flags(req),
+        ]
         proc = Proc(label=node_label(0, node.host), host=node.host, argv=argv, env=node_env(req, node.nproc))
         return Plan(launcher="deepspeed", procs=[proc], world_size=req.world_size)
     info = world_info(req)
     procs = []
     for i, node in enumerate(req.nodes):
-        argv = [req.python, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={info}",
-                f"--node_rank={i}", f"--master_addr={addr}", f"--master_port={port}", *_flags(req)]
-        procs.append(Proc(label=node_label(i, node.host), host=node.host, argv=argv,
-                          env=node_env(req, node.nproc)))
+        argv = [
+            req.python,
+            "-u",
+            "-m",
+            "deepspeed.launcher.launch",
+            f"--world_info={info}",
+            f"--node_rank={i}",
+            f"--master_addr={addr}",
+            f"--master_port={port}",
+            *_flags(req),
+        ]
+        procs.append(
+            Proc(label=node_label(i, node.host), host=node.host, argv=argv, env=node_env(req, node.nproc))
+        )
     return Plan(launcher="deepspeed", procs=procs, world_size=req.world_size)

@@ -14,15 +14,15 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from launch.backends import BUILDERS
-from launch.backends.slurm import allocation_nodes, cores_on_node
-from launch.dryrun import render
-from launch.envvars import parse_env_assignments, usable_cores
-from launch.errors import LaunchError, LaunchFailure
-from launch.hostfile import is_local, is_valid_host, read_hostfile
-from launch.plan import Request, SshOptions
-from launch.selection import Node, nodes_without_hostfile, select_nodes
-from launch.supervisor import Supervisor
+from dist_opt.launch.backends import BUILDERS
+from dist_opt.launch.backends.slurm import allocation_nodes, cores_on_node
+from dist_opt.launch.dryrun import render
+from dist_opt.launch.envvars import parse_env_assignments, usable_cores
+from dist_opt.launch.errors import LaunchError, LaunchFailure
+from dist_opt.launch.hostfile import is_local, is_valid_host, read_hostfile
+from dist_opt.launch.plan import Request, SshOptions
+from dist_opt.launch.selection import Node, nodes_without_hostfile, select_nodes
+from dist_opt.launch.supervisor import Supervisor
 
 DEFAULT_MODULE = "dist_opt.train"
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -65,11 +65,17 @@ def _seconds(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="dist-opt launch", description="Start dist_opt.train on one or many nodes.")
-    p.add_argument("--launcher", choices=sorted(BUILDERS), default="torchrun",
-                   help="torchrun (default; one per node over ssh), deepspeed, mpirun (Open MPI), "
-                        "slurm (srun inside an allocation), local (this machine, no helper launcher)")
+    p.add_argument(
+        "--launcher",
+        choices=sorted(BUILDERS),
+        default="torchrun",
+        help="torchrun (default; one per node over ssh), deepspeed, mpirun (Open MPI), "
+        "slurm (srun inside an allocation), local (this machine, no helper launcher)",
+    )
     p.add_argument("--hostfile", help="'HOST slots=N' per line (DeepSpeed/Open MPI format)")
-    p.add_argument("--include", default="", help="DeepSpeed-style host/slot filter: HOST[:SLOT,...][@HOST...]")
+    p.add_argument(
+        "--include", default="", help="DeepSpeed-style host/slot filter: HOST[:SLOT,...][@HOST...]"
+    )
     p.add_argument("--exclude", default="", help="DeepSpeed-style host/slot filter to leave out")
     p.add_argument("--nnodes", type=_positive, help="use the first N hosts (default: all)")
     p.add_argument("--nproc-per-node", type=_positive, help="ranks per node (default: the host's slots)")
@@ -78,24 +84,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-restarts", type=_non_negative, default=0, help="torchrun worker-group restarts")
     p.add_argument("--rdzv-timeout", type=_positive, default=300, help="torchrun rendezvous join timeout (s)")
     p.add_argument("--run-id", help="torchrun rendezvous id (default: random)")
-    p.add_argument("--cores-per-node", type=_positive,
-                   help="cores per node for OMP_NUM_THREADS = cores // ranks per node (default: this "
-                        "machine's usable cores, or SLURM_CPUS_ON_NODE)")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra environment variable for every rank (repeatable)")
+    p.add_argument(
+        "--cores-per-node",
+        type=_positive,
+        help="cores per node for OMP_NUM_THREADS = cores // ranks per node (default: this "
+        "machine's usable cores, or SLURM_CPUS_ON_NODE)",
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment variable for every rank (repeatable)",
+    )
     p.add_argument("--module", default=DEFAULT_MODULE, help="entry module run by every rank")
-    p.add_argument("--python", default=sys.executable, help="Python interpreter on every node "
-                   "(default: this one; nodes share the path)")
+    p.add_argument(
+        "--python",
+        default=sys.executable,
+        help="Python interpreter on every node (default: this one; nodes share the path)",
+    )
     p.add_argument("--ssh-config", help="ssh client config file (ssh -F)")
     p.add_argument("--ssh-port", type=_port, help="ssh port of the nodes")
-    p.add_argument("--ssh-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra ssh -o option (repeatable)")
+    p.add_argument(
+        "--ssh-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra ssh -o option (repeatable)",
+    )
     p.add_argument("--ssh-timeout", type=_positive, default=10, help="ssh ConnectTimeout (s)")
     p.add_argument("--no-ssh-check", action="store_true", help="skip the reachability check before starting")
-    p.add_argument("--allow-run-as-root", action="store_true", help="mpirun: pass --allow-run-as-root to mpiexec")
+    p.add_argument(
+        "--allow-run-as-root", action="store_true", help="mpirun: pass --allow-run-as-root to mpiexec"
+    )
     p.add_argument("--timeout", type=_seconds, help="stop everything and fail after this many seconds")
     p.add_argument("--no-validate", action="store_true", help="do not validate CONFIG before starting")
-    p.add_argument("--dry-run", action="store_true", help="print each node's command and environment; start nothing")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print each node's command and environment; start nothing"
+    )
     p.add_argument("config", metavar="CONFIG", help="YAML config file")
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE", help="dotted config overrides")
     return p
@@ -126,8 +152,9 @@ def _nodes(args: argparse.Namespace) -> list[Node]:
     if args.launcher == "slurm":
         return allocation_nodes(os.environ, args.nnodes, args.nproc_per_node)
     if args.hostfile:
-        return select_nodes(read_hostfile(args.hostfile), args.include, args.exclude, args.nnodes,
-                            args.nproc_per_node)
+        return select_nodes(
+            read_hostfile(args.hostfile), args.include, args.exclude, args.nnodes, args.nproc_per_node
+        )
     if args.include or args.exclude:
         raise LaunchError("--include/--exclude need --hostfile")
     return nodes_without_hostfile(args.nnodes, args.nproc_per_node, args.dry_run)
@@ -153,25 +180,45 @@ def _check_master_port(req: Request) -> None:
         try:
             s.bind(("", req.master_port))
         except OSError as e:
-            raise LaunchFailure(f"node 0 ({req.nodes[0].host}): master port {req.master_port} is not free "
-                                f"on this machine ({e.strerror})") from None
+            raise LaunchFailure(
+                f"node 0 ({req.nodes[0].host}): master port {req.master_port} is not free "
+                f"on this machine ({e.strerror})"
+            ) from None
 
 
 def make_request(args: argparse.Namespace) -> Request:
     _check_inputs(args)
     nodes = _nodes(args)
-    cores = args.cores_per_node or (cores_on_node(os.environ) if args.launcher == "slurm" else None) \
+    cores = (
+        args.cores_per_node
+        or (cores_on_node(os.environ) if args.launcher == "slurm" else None)
         or usable_cores()
+    )
     config = os.path.abspath(args.config) if os.path.exists(args.config) else args.config
     req = Request(
-        launcher=args.launcher, nodes=nodes, config=config, overrides=tuple(args.overrides),
-        module=args.module, python=args.python, cwd=os.getcwd(), master_addr=args.master_addr,
-        master_port=args.master_port, max_restarts=args.max_restarts,
-        run_id=args.run_id or f"dist-opt-{secrets.token_hex(4)}", rdzv_timeout=args.rdzv_timeout,
-        cores_per_node=cores, extra_env=parse_env_assignments(args.env), environ=dict(os.environ),
+        launcher=args.launcher,
+        nodes=nodes,
+        config=config,
+        overrides=tuple(args.overrides),
+        module=args.module,
+        python=args.python,
+        cwd=os.getcwd(),
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+        max_restarts=args.max_restarts,
+        run_id=args.run_id or f"dist-opt-{secrets.token_hex(4)}",
+        rdzv_timeout=args.rdzv_timeout,
+        cores_per_node=cores,
+        extra_env=parse_env_assignments(args.env),
+        environ=dict(os.environ),
         allow_run_as_root=args.allow_run_as_root,
-        ssh=SshOptions(config=args.ssh_config, port=args.ssh_port, options=tuple(args.ssh_option),
-                       connect_timeout=args.ssh_timeout, check=not args.no_ssh_check),
+        ssh=SshOptions(
+            config=args.ssh_config,
+            port=args.ssh_port,
+            options=tuple(args.ssh_option),
+            connect_timeout=args.ssh_timeout,
+            check=not args.no_ssh_check,
+        ),
         dry_run=args.dry_run,
     )
     if args.module == DEFAULT_MODULE and not args.no_validate:
@@ -180,7 +227,7 @@ def make_request(args: argparse.Namespace) -> Request:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``dist-opt launch`` and ``python -m launch``."""
+    """Entry point of ``dist-opt launch`` and ``python -m dist_opt.launch``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
@@ -195,8 +242,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.flush()
             return 0
         _check_master_port(req)
-        print(f"dist-opt launch: {plan.launcher}, {len(req.nodes)} node(s), world size {plan.world_size}"
-              + (f", run id {req.run_id}" if req.launcher == "torchrun" else ""), file=sys.stderr, flush=True)
+        print(
+            f"dist-opt launch: {plan.launcher}, {len(req.nodes)} node(s), world size {plan.world_size}"
+            + (f", run id {req.run_id}" if req.launcher == "torchrun" else ""),
+            file=sys.stderr,
+            flush=True,
+        )
         return Supervisor(plan, req.ssh, req.python, req.cwd, timeout=args.timeout).run()
     except (LaunchError, LaunchFailure) as e:
         for line in str(e).splitlines() or [type(e).__name__]:

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.errors import LaunchError
+from dist_opt.launch.errors import LaunchError
 
 _LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import shlex
 
-from launch.envvars import is_secret
-from launch.plan import Plan, SshOptions
-from launch.ssh import remote_command, ssh_argv
+from dist_opt.launch.envvars import is_secret
+from dist_opt.launch.plan import Plan, SshOptions
+from dist_opt.launch.ssh import remote_command, ssh_argv
 
 
 def _env_words(env: dict[str, str]) -> list[str]:
@@ -15,8 +15,10 @@ def _env_words(env: dict[str, str]) -> list[str]:
 
 def render(plan: Plan, ssh: SshOptions, python: str, cwd: str) -> str:
     """One block per command: a comment naming the node, then ``env K=V ... ARGV`` (shell-quoted)."""
-    lines = [f"# dist-opt launch --dry-run: launcher {plan.launcher}, {len(plan.procs)} command(s), "
-             f"world size {plan.world_size}"]
+    lines = [
+        f"# dist-opt launch --dry-run: launcher {plan.launcher}, {len(plan.procs)} command(s), "
+        f"world size {plan.world_size}"
+    ]
     lines += [f"# note: {n}" for n in plan.notes]
     for proc in plan.procs:
         where = "over ssh" if proc.remote else "on this machine (added to the launcher's environment)"

@@ -20,9 +20,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from launch.errors import LaunchFailure
-from launch.plan import Plan, Proc, SshOptions
-from launch.ssh import check_reachable, remote_command, ssh_argv
+from dist_opt.launch.errors import LaunchFailure
+from dist_opt.launch.plan import Plan, Proc, SshOptions
+from dist_opt.launch.ssh import check_reachable, remote_command, ssh_argv
 
 POLL_S = 0.1
 
@@ -55,8 +55,17 @@ def _telling_lines(tail: deque, n: int = 2) -> list[str]:
 class Supervisor:
     """Runs one plan; :meth:`run` returns the launch's exit code."""
 
-    def __init__(self, plan: Plan, ssh: SshOptions, python: str, cwd: str, timeout: float | None = None,
-                 grace: float = 5.0, out: TextIO | None = None, err: TextIO | None = None):
+    def __init__(
+        self,
+        plan: Plan,
+        ssh: SshOptions,
+        python: str,
+        cwd: str,
+        timeout: float | None = None,
+        grace: float = 5.0,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
+    ):
         self.plan, self.ssh, self.python, self.cwd = plan, ssh, python, cwd
         self.timeout, self.grace = timeout, grace
         self.out = out or sys.stdout
@@ -82,15 +91,26 @@ class Supervisor:
         if proc.remote:
             assert proc.host is not None
             cmd = remote_command(self.python, self.cwd, proc.argv, pythonpath=proc.env.get("PYTHONPATH"))
-            popen = subprocess.Popen(ssh_argv(proc.host, cmd, self.ssh), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+            popen = subprocess.Popen(
+                ssh_argv(proc.host, cmd, self.ssh),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             assert popen.stdin is not None
             popen.stdin.write((json.dumps({"env": proc.env}) + "\n").encode("utf-8"))
             popen.stdin.flush()  # stdin stays open: it is the remote side's lifeline
         else:
-            popen = subprocess.Popen(proc.argv, env={**os.environ, **proc.env}, cwd=self.cwd,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+            popen = subprocess.Popen(
+                proc.argv,
+                env={**os.environ, **proc.env},
+                cwd=self.cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         run = _Running(proc=proc, popen=popen)
         run.reader = threading.Thread(target=self._pump, args=(run,), daemon=True)
         run.reader.start()

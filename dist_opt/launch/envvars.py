@@ -12,20 +12,53 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 
-from launch.errors import LaunchError
+from dist_opt.launch.errors import LaunchError
 
-ALLOWED_NAMES = frozenset({
-    "PYTHONPATH", "PYTHONHASHSEED", "PYTHONUNBUFFERED", "PYTHONWARNINGS", "PYTHONFAULTHANDLER",
-    "CUBLAS_WORKSPACE_CONFIG", "CUDA_LAUNCH_BLOCKING", "HF_HOME",
-})
-ALLOWED_PREFIXES = (
-    "DIST_OPT_", "TORCH_", "PYTORCH_", "NCCL_", "GLOO_", "OMP_", "MKL_", "KMP_", "WANDB_", "DS_",
-    "UCX_", "OMPI_MCA_", "PRTE_MCA_", "PMIX_MCA_",
+ALLOWED_NAMES = frozenset(
+    {
+        "PYTHONPATH",
+        "PYTHONHASHSEED",
+        "PYTHONUNBUFFERED",
+        "PYTHONWARNINGS",
+        "PYTHONFAULTHANDLER",
+        "CUBLAS_WORKSPACE_CONFIG",
+        "CUDA_LAUNCH_BLOCKING",
+        "HF_HOME",
+    }
 )
-RESERVED_NAMES = frozenset({
-    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
-    "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE", "CUDA_VISIBLE_DEVICES",
-})
+ALLOWED_PREFIXES = (
+    "DIST_OPT_",
+    "TORCH_",
+    "PYTORCH_",
+    "NCCL_",
+    "GLOO_",
+    "OMP_",
+    "MKL_",
+    "KMP_",
+    "WANDB_",
+    "DS_",
+    "UCX_",
+    "OMPI_MCA_",
+    "PRTE_MCA_",
+    "PMIX_MCA_",
+)
+RESERVED_NAMES = frozenset(
+    {
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "GROUP_RANK",
+        "ROLE_RANK",
+        "ROLE_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "LOCAL_SIZE",
+        "CROSS_RANK",
+        "CROSS_SIZE",
+        "CUDA_VISIBLE_DEVICES",
+    }
+)
 RESERVED_PREFIXES = ("OMPI_COMM_WORLD_", "PMI_", "PMIX_RANK", "SLURM_", "TORCHELASTIC_")
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -52,16 +85,19 @@ def parse_env_assignments(items: Iterable[str]) -> dict[str, str]:
         if not _NAME.match(name):
             raise LaunchError(f"--env {item!r}: {name!r} is not a valid environment variable name")
         if name in RESERVED_NAMES or name.startswith(RESERVED_PREFIXES):
-            raise LaunchError(f"--env {item!r}: {name} is set by the launcher for each rank "
-                              "(use --master-addr/--master-port for the rendezvous address)")
+            raise LaunchError(
+                f"--env {item!r}: {name} is set by the launcher for each rank "
+                "(use --master-addr/--master-port for the rendezvous address)"
+            )
         if "\0" in value:
             raise LaunchError(f"--env {name}: the value contains a NUL byte")
         out[name] = value
     return out
 
 
-def forwarded_env(environ: Mapping[str, str], extra: Mapping[str, str], omp_num_threads: int | None = None
-                  ) -> dict[str, str]:
+def forwarded_env(
+    environ: Mapping[str, str], extra: Mapping[str, str], omp_num_threads: int | None = None
+) -> dict[str, str]:
     """What a node's ranks get on top of their own environment, sorted by name.
 
     Allow-listed variables of ``environ``, then OMP_NUM_THREADS (computed per rank, so it beats an

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from launch.backends import deepspeed, local, mpirun, slurm, torchrun
-from launch.plan import Plan, Request
+from dist_opt.launch.backends import deepspeed, local, mpirun, slurm, torchrun
+from dist_opt.launch.plan import Plan, Request
 
 BUILDERS: dict[str, Callable[[Request], Plan]] = {
     "torchrun": torchrun.build,

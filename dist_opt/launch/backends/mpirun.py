@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import shutil
 
-from launch.backends.common import master_addr, no_restarts, node_env, sibling_executable
-from launch.errors import LaunchError
-from launch.plan import Plan, Proc, Request, SshOptions
+from dist_opt.launch.backends.common import master_addr, no_restarts, node_env, sibling_executable
+from dist_opt.launch.errors import LaunchError
+from dist_opt.launch.plan import Plan, Proc, Request, SshOptions
 
 _ROOT_VARS = ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM")
 
@@ -25,7 +25,9 @@ def _mpiexec(req: Request) -> str:
         return found
     if req.dry_run:
         return "mpiexec"
-    raise LaunchError("--launcher mpirun: mpiexec not found (pip install 'dist-opt[mpi]' or install Open MPI)")
+    raise LaunchError(
+        "--launcher mpirun: mpiexec not found (pip install 'dist-opt[mpi]' or install Open MPI)"
+    )
 
 
 def _ssh_args(opts: SshOptions) -> str:
@@ -42,15 +44,27 @@ def build(req: Request) -> Plan:
     no_restarts(req)
     is_root = os.geteuid() == 0
     if is_root and not req.allow_run_as_root and not all(req.environ.get(v) for v in _ROOT_VARS):
-        raise LaunchError("--launcher mpirun as root: Open MPI refuses to run as root; pass --allow-run-as-root "
-                          "or export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
+        raise LaunchError(
+            "--launcher mpirun as root: Open MPI refuses to run as root; pass --allow-run-as-root "
+            "or export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1"
+        )
     busiest = max(n.nproc for n in req.nodes)
     env = node_env(req, busiest)
     env["MASTER_ADDR"] = master_addr(req)
     if req.master_port is not None:
         env["MASTER_PORT"] = str(req.master_port)
     hosts = ",".join(f"{'localhost' if n.host is None else n.host}:{n.nproc}" for n in req.nodes)
-    argv = [_mpiexec(req), "-n", str(req.world_size), "--host", hosts, "--map-by", "slot", "--bind-to", "none"]
+    argv = [
+        _mpiexec(req),
+        "-n",
+        str(req.world_size),
+        "--host",
+        hosts,
+        "--map-by",
+        "slot",
+        "--bind-to",
+        "none",
+    ]
     if req.allow_run_as_root:
         argv.append("--allow-run-as-root")
     if req.multi_node:

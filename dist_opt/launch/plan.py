@@ -1,17 +1,16 @@
 """What to start where: the request (parsed options) and the plan (commands per node).
 
-Builders (``launch.backends``) turn a :class:`Request` into a :class:`Plan` without starting
+Builders (``dist_opt.launch.backends``) turn a :class:`Request` into a :class:`Plan` without starting
 or importing anything heavy, so ``--dry-run`` prints exactly what a real launch would run.
 """
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from launch.hostfile import is_local
-from launch.selection import Node
+from dist_opt.launch.hostfile import is_local
+from dist_opt.launch.selection import Node
 
 
 @dataclass(frozen=True)
@@ -27,7 +26,7 @@ class SshOptions:
 
 @dataclass(frozen=True)
 class Request:
-    """Everything a builder needs; filled from the command line by :mod:`launch.cli`."""
+    """Everything a builder needs; filled from the command line by :mod:`dist_opt.launch.cli`."""
 
     launcher: str
     nodes: list[Node]
@@ -85,13 +84,6 @@ class Plan:
 
 def node_label(index: int, host: str | None) -> str:
     return f"node {index} ({host})" if host else f"node {index}"
-
-
-def free_port() -> int:
-    """A TCP port that is free on this machine right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def endpoint(addr: str, port: int) -> str:

@@ -1,6 +1,6 @@
 """ssh command lines for remote nodes. Everything a user typed is an argv item or shlex-quoted.
 
-A remote node runs ``cd CWD && exec PYTHON -m launch.remote -- ARGV...``; the environment
+A remote node runs ``cd CWD && exec PYTHON -m dist_opt.launch.remote -- ARGV...``; the environment
 travels on ssh's stdin (never on a command line, where ``ps`` would show secrets), and the
 open stdin doubles as a lifeline: when the launcher goes away the remote side kills its ranks.
 """
@@ -11,13 +11,23 @@ import shlex
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
-from launch.plan import SshOptions
+from dist_opt.launch.plan import SshOptions
 
 
 def ssh_argv(host: str, remote_command: str, opts: SshOptions) -> list[str]:
     """The local argv that runs ``remote_command`` (one shell string) on ``host``."""
-    argv = ["ssh", "-T", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={opts.connect_timeout}",
-            "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
+    argv = [
+        "ssh",
+        "-T",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        f"ConnectTimeout={opts.connect_timeout}",
+        "-o",
+        "ServerAliveInterval=15",
+        "-o",
+        "ServerAliveCountMax=4",
+    ]
     if opts.config:
         argv += ["-F", opts.config]
     if opts.port is not None:
@@ -29,7 +39,7 @@ def ssh_argv(host: str, remote_command: str, opts: SshOptions) -> list[str]:
 
 def remote_command(python: str, cwd: str, argv: list[str], pythonpath: str | None = None) -> str:
     """Shell string for the remote login shell: change directory, then exec the node shim."""
-    shim = [python, "-m", "launch.remote", "--", *argv]
+    shim = [python, "-m", "dist_opt.launch.remote", "--", *argv]
     if pythonpath:
         shim = ["env", f"PYTHONPATH={pythonpath}", *shim]
     return f"cd {shlex.quote(cwd)} && exec {shlex.join(shim)}"
@@ -40,8 +50,13 @@ def check_reachable(hosts: list[str], opts: SshOptions) -> dict[str, str]:
 
     def probe(host: str) -> tuple[str, str | None]:
         try:
-            done = subprocess.run(ssh_argv(host, "true", opts), stdin=subprocess.DEVNULL,
-                                  capture_output=True, text=True, timeout=opts.connect_timeout + 20)
+            done = subprocess.run(
+                ssh_argv(host, "true", opts),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=opts.connect_timeout + 20,
+            )
         except subprocess.TimeoutExpired:
             return host, f"ssh did not finish within {opts.connect_timeout + 20} s"
         except OSError as e:
