@@ -35,20 +35,37 @@ def limit_threads() -> None:
     torch.set_num_threads(1)
 
 
-def _rank_main(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, results,
-               env: dict[str, str], pg_timeout_s: float) -> None:
+def _rank_main(
+    rank: int,
+    world: int,
+    port: int,
+    fn: Callable[..., Any],
+    args: tuple,
+    results,
+    env: dict[str, str],
+    pg_timeout_s: float,
+) -> None:
     os.environ.update(env)  # the parent's environment at the call plus the call's extras
-    os.environ.update({
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank),
-        "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "LOCAL_SIZE": str(world),
-        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-    })
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "LOCAL_SIZE": str(world),
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }
+    )
     try:
         limit_threads()
         import torch.distributed as dist
 
-        dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=pg_timeout_s))
+        dist.init_process_group(
+            "gloo", init_method="env://", rank=rank, world_size=world, timeout=timedelta(seconds=pg_timeout_s)
+        )
         try:
             out = fn(rank, world, *args)
         finally:
@@ -74,8 +91,14 @@ def _context() -> Any:
     return _CTX
 
 
-def run_ranks(fn: Callable[..., Any], world: int = 2, args: tuple = (), *, timeout_s: float = 300.0,
-              extra_env: dict[str, str] | None = None) -> list[Any]:
+def run_ranks(
+    fn: Callable[..., Any],
+    world: int = 2,
+    args: tuple = (),
+    *,
+    timeout_s: float = 300.0,
+    extra_env: dict[str, str] | None = None,
+) -> list[Any]:
     """Run ``fn(rank, world, *args)`` on ``world`` fresh gloo ranks; results in rank order.
 
     ``fn`` must be importable (module level). Raises RuntimeError with the first rank's
@@ -85,9 +108,14 @@ def run_ranks(fn: Callable[..., Any], world: int = 2, args: tuple = (), *, timeo
     results = ctx.Queue()
     port = free_port()
     env = {**os.environ, **(extra_env or {})}  # forkserver children would otherwise see the server's env
-    procs = [ctx.Process(target=_rank_main, daemon=True,
-                         args=(r, world, port, fn, args, results, env, min(timeout_s, 600.0)))
-             for r in range(world)]
+    procs = [
+        ctx.Process(
+            target=_rank_main,
+            daemon=True,
+            args=(r, world, port, fn, args, results, env, min(timeout_s, 600.0)),
+        )
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     got: dict[int, tuple[bool, Any]] = {}
@@ -96,15 +124,22 @@ def run_ranks(fn: Callable[..., Any], world: int = 2, args: tuple = (), *, timeo
         while len(got) < world:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"{getattr(fn, '__name__', fn)}: ranks "
-                                   f"{sorted(set(range(world)) - set(got))} gave no answer within {timeout_s:.0f}s")
+                raise TimeoutError(
+                    f"{getattr(fn, '__name__', fn)}: ranks "
+                    f"{sorted(set(range(world)) - set(got))} gave no answer within {timeout_s:.0f}s"
+                )
             try:
                 rank, ok, value = results.get(timeout=min(left, 1.0))
             except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if not p.is_alive() and p.exitcode not in (0, None)
-                        and r not in got]
+                dead = [
+                    r
+                    for r, p in enumerate(procs)
+                    if not p.is_alive() and p.exitcode not in (0, None) and r not in got
+                ]
                 if dead:
-                    raise RuntimeError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}") from None
+                    raise RuntimeError(
+                        f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}"
+                    ) from None
                 continue
             got[rank] = (ok, value)
             if not ok:
@@ -207,8 +242,11 @@ def machine_info() -> dict[str, str]:
         pass
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu, "cores": str(os.cpu_count()), "memory": mem,
-        "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "memory": mem,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
         "torch": torch.__version__,
     }
     try:
@@ -233,16 +271,23 @@ def fmt_bytes(n: float | None) -> str:
 # ProcessGroup method -> (position of the argument holding the full tensor(s) S, ring factor f):
 # per-rank traffic f·(N-1)/N·|S|, the convention of dist_opt.dist.collectives.Ledger
 _COUNTED_OPS: dict[str, tuple[int, float, str]] = {
-    "allreduce": (0, 2.0, "all_reduce"), "allreduce_coalesced": (0, 2.0, "all_reduce"),
-    "reduce": (0, 1.0, "reduce"), "broadcast": (0, 1.0, "broadcast"),
-    "allgather": (0, 1.0, "all_gather"), "_allgather_base": (0, 1.0, "all_gather"),
-    "all_gather_single": (0, 1.0, "all_gather"), "allgather_into_tensor_coalesced": (0, 1.0, "all_gather"),
-    "all_gather_single_coalesced": (0, 1.0, "all_gather"), "allgather_coalesced": (0, 1.0, "all_gather"),
-    "reduce_scatter": (1, 1.0, "reduce_scatter"), "_reduce_scatter_base": (1, 1.0, "reduce_scatter"),
+    "allreduce": (0, 2.0, "all_reduce"),
+    "allreduce_coalesced": (0, 2.0, "all_reduce"),
+    "reduce": (0, 1.0, "reduce"),
+    "broadcast": (0, 1.0, "broadcast"),
+    "allgather": (0, 1.0, "all_gather"),
+    "_allgather_base": (0, 1.0, "all_gather"),
+    "all_gather_single": (0, 1.0, "all_gather"),
+    "allgather_into_tensor_coalesced": (0, 1.0, "all_gather"),
+    "all_gather_single_coalesced": (0, 1.0, "all_gather"),
+    "allgather_coalesced": (0, 1.0, "all_gather"),
+    "reduce_scatter": (1, 1.0, "reduce_scatter"),
+    "_reduce_scatter_base": (1, 1.0, "reduce_scatter"),
     "reduce_scatter_single": (1, 1.0, "reduce_scatter"),
     "reduce_scatter_tensor_coalesced": (1, 1.0, "reduce_scatter"),
     "reduce_scatter_single_coalesced": (1, 1.0, "reduce_scatter"),
-    "alltoall_base": (1, 1.0, "all_to_all"), "all_to_all_single": (1, 1.0, "all_to_all"),
+    "alltoall_base": (1, 1.0, "all_to_all"),
+    "all_to_all_single": (1, 1.0, "all_to_all"),
 }
 
 

@@ -31,16 +31,27 @@ from bench.common import fmt_bytes, limit_threads, machine_info, make_25m_model,
 
 RESULTS = Path(__file__).resolve().parent / "results" / "shampoo.md"
 
-REGRESSION = {"target": 0.02, "max_steps": 2500, "every": 5, "batch": 64,
-              "lrs": {"adamw": [0.03, 0.1, 0.3, 1.0], "shampoo": [0.3, 1.0, 3.0]}}
-DIGITS = {"target": 0.10, "max_steps": 1500, "every": 10, "batch": 64,
-          "lrs": {"adamw": [1e-3, 3e-3, 1e-2, 3e-2], "shampoo": [1e-3, 3e-3, 1e-2, 3e-2]}}
+REGRESSION = {
+    "target": 0.02,
+    "max_steps": 2500,
+    "every": 5,
+    "batch": 64,
+    "lrs": {"adamw": [0.03, 0.1, 0.3, 1.0], "shampoo": [0.3, 1.0, 3.0]},
+}
+DIGITS = {
+    "target": 0.10,
+    "max_steps": 1500,
+    "every": 10,
+    "batch": 64,
+    "lrs": {"adamw": [1e-3, 3e-3, 1e-2, 3e-2], "shampoo": [1e-3, 3e-3, 1e-2, 3e-2]},
+}
 SHAMPOO_HP = {"regression": {"precondition_frequency": 10}, "digits": {"precondition_frequency": 20}}
 
 
 # -- steps to target -------------------------------------------------------------------------------
-def steps_to_target(task_kind: str, name: str, lr: float, seed: int, kappa: float = 1.0, max_steps: int | None = None
-                    ) -> int | None:
+def steps_to_target(
+    task_kind: str, name: str, lr: float, seed: int, kappa: float = 1.0, max_steps: int | None = None
+) -> int | None:
     """Optimizer steps until the held-out loss first reaches the target (checked every few steps)."""
     import torch
 
@@ -68,7 +79,7 @@ def steps_to_target(task_kind: str, name: str, lr: float, seed: int, kappa: floa
         else:  # epochs of a seeded permutation
             if perm is None or pos + b > len(perm):
                 perm, pos = torch.randperm(task.train_size, generator=g), 0
-            idx, pos = perm[pos:pos + b], pos + b
+            idx, pos = perm[pos : pos + b], pos + b
         task.loss(model, task.train_batch(idx)).backward()
         opt.step()
         opt.zero_grad()
@@ -87,14 +98,18 @@ def grid(task_kind: str, seeds: list[int], kappa: float = 1.0, max_steps: int | 
     spec = REGRESSION if task_kind == "regression" else DIGITS
     out: dict = {}
     for name, lrs in spec["lrs"].items():
-        out[name] = {lr: [steps_to_target(task_kind, name, lr, s, kappa, max_steps) for s in seeds] for lr in lrs}
+        out[name] = {
+            lr: [steps_to_target(task_kind, name, lr, s, kappa, max_steps) for s in seeds] for lr in lrs
+        }
     return out
 
 
 def best(per_lr: dict) -> tuple[float, list]:
     """The lr with the smallest mean steps over seeds (a miss counts as infinity)."""
+
     def score(v: list) -> float:
         return sum(float("inf") if s is None else s for s in v) / len(v)
+
     lr = min(per_lr, key=lambda k: (score(per_lr[k]), k))
     return lr, per_lr[lr]
 
@@ -104,8 +119,12 @@ def fmt_steps(v: list) -> str:
 
 
 def target_table(title: str, res: dict, max_steps: int) -> list[str]:
-    lines = [f"**{title}** (steps per seed; — = not reached within {max_steps} steps)", "",
-             "| optimizer | lr | steps (seeds) | mean |", "|---|---|---|---|"]
+    lines = [
+        f"**{title}** (steps per seed; — = not reached within {max_steps} steps)",
+        "",
+        "| optimizer | lr | steps (seeds) | mean |",
+        "|---|---|---|---|",
+    ]
     for name, per_lr in res.items():
         blr, _ = best(per_lr)
         for lr, v in per_lr.items():
@@ -115,8 +134,11 @@ def target_table(title: str, res: dict, max_steps: int) -> list[str]:
     (alr, av), (slr, sv) = best(res["adamw"]), best(res["shampoo"])
     if not any(s is None for s in av + sv):
         ratio = statistics.mean(av) / statistics.mean(sv)
-        lines += ["", f"Tuned: AdamW {statistics.mean(av):.0f} steps (lr {alr:g}) vs Shampoo "
-                  f"{statistics.mean(sv):.0f} steps (lr {slr:g}): **{ratio:.1f}× fewer steps** with Shampoo."]
+        lines += [
+            "",
+            f"Tuned: AdamW {statistics.mean(av):.0f} steps (lr {alr:g}) vs Shampoo "
+            f"{statistics.mean(sv):.0f} steps (lr {slr:g}): **{ratio:.1f}× fewer steps** with Shampoo.",
+        ]
     return lines + [""]
 
 
@@ -141,8 +163,14 @@ def time_rank(rank: int, world: int, which: str, warmup: int, steps: int, freque
         from dist_opt.engine.sharded import ShardedOptimizer
 
         net = model
-        opt = ShardedOptimizer(model.named_parameters(), "shampoo", lr=1e-4, weight_decay=0.01,
-                               max_preconditioner_dim=1024, precondition_frequency=frequency)
+        opt = ShardedOptimizer(
+            model.named_parameters(),
+            "shampoo",
+            lr=1e-4,
+            weight_decay=0.01,
+            max_preconditioner_dim=1024,
+            precondition_frequency=frequency,
+        )
     wall, cpu, refresh, blocks_ms, exch_ms = [], [], [], [], []
     dist.barrier()
     for step in range(1, warmup + steps + 1):
@@ -164,8 +192,9 @@ def time_rank(rank: int, world: int, which: str, warmup: int, steps: int, freque
             exch_ms.append(st.get("time/shampoo_exchange_ms", 0.0))
     info.update(wall=wall, cpu=cpu, refresh=refresh, blocks_ms=blocks_ms, exchange_ms=exch_ms)
     if which == "adamw":
-        info["state_bytes"] = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
-                                  if torch.is_tensor(t))
+        info["state_bytes"] = sum(
+            t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t)
+        )
     else:
         rule = opt.rule
         info["state_bytes"] = rule.state_bytes()
@@ -186,10 +215,16 @@ def summarize(per_rank: list[dict], frequency_for: int = 100) -> dict:
     ref = [w for w, f in zip(wall, refresh, strict=True) if f]
     cpu_normal = [c for c, f in zip(cpu, refresh, strict=True) if not f]
     cpu_ref = [c for c, f in zip(cpu, refresh, strict=True) if f]
-    out = {"steps": steps, "mean": statistics.mean(wall), "median": statistics.median(wall),
-           "cpu_mean": statistics.mean(cpu), "normal": statistics.mean(normal) if normal else None,
-           "normal_median": statistics.median(normal) if normal else None,
-           "refresh": statistics.mean(ref) if ref else None, "n_refresh": len(ref)}
+    out = {
+        "steps": steps,
+        "mean": statistics.mean(wall),
+        "median": statistics.median(wall),
+        "cpu_mean": statistics.mean(cpu),
+        "normal": statistics.mean(normal) if normal else None,
+        "normal_median": statistics.median(normal) if normal else None,
+        "refresh": statistics.mean(ref) if ref else None,
+        "n_refresh": len(ref),
+    }
     if ref and normal:
         out["amortized"] = out["normal"] + (out["refresh"] - out["normal"]) / frequency_for
         cn, cr = statistics.mean(cpu_normal), statistics.mean(cpu_ref)
@@ -214,39 +249,57 @@ def timing_lines(res: dict, steps: int, warmup: int, frequency: int) -> list[str
     lines = [
         f"25M model ({ranks[0]['params']:,} parameters), 2 gloo ranks × 1 thread, batch 32 per rank, "
         f"{warmup} warm-up + {steps} timed steps each; step = forward + backward + optimizer step "
-        "(wall time, max over ranks).", "",
-        "| run | mean step | median | CPU time/step | refresh steps in window |", "|---|---|---|---|---|",
+        "(wall time, max over ranks).",
+        "",
+        "| run | mean step | median | CPU time/step | refresh steps in window |",
+        "|---|---|---|---|---|",
         f"| DDP + AdamW(foreach), before | {a1['mean'] * 1e3:.0f} ms | {a1['median'] * 1e3:.0f} ms | "
         f"{a1['cpu_mean'] * 1e3:.0f} ms | — |",
         f"| Shampoo, all steps (frequency {frequency}) | {sh['mean'] * 1e3:.0f} ms | {sh['median'] * 1e3:.0f} ms | "
         f"{sh['cpu_mean'] * 1e3:.0f} ms | {sh['n_refresh']} |",
         f"| DDP + AdamW(foreach), after | {a2['mean'] * 1e3:.0f} ms | {a2['median'] * 1e3:.0f} ms | "
-        f"{a2['cpu_mean'] * 1e3:.0f} ms | — |", "",
+        f"{a2['cpu_mean'] * 1e3:.0f} ms | — |",
+        "",
     ]
     if sh.get("refresh") is not None:
-        lines += [f"Shampoo ordinary step {sh['normal'] * 1e3:.0f} ms (median {sh['normal_median'] * 1e3:.0f} ms), "
-                  f"refresh step {sh['refresh'] * 1e3:.0f} ms → amortized for precondition_frequency=100: "
-                  f"**{s_amort * 1e3:.0f} ms = {s_amort / adamw:.2f}× DDP+AdamW** ({adamw * 1e3:.0f} ms, mean of "
-                  "both AdamW runs). Target ≤ 1.5×.", "",
-                  f"By CPU time (insensitive to other processes on the cores, blind to waiting for peers): "
-                  f"Shampoo amortized {sh['cpu_amortized'] * 1e3:.0f} ms (refresh step {sh['cpu_refresh'] * 1e3:.0f} ms) "
-                  f"vs AdamW {(a1['cpu_mean'] + a2['cpu_mean']) / 2 * 1e3:.0f} ms: "
-                  f"**{sh['cpu_amortized'] / ((a1['cpu_mean'] + a2['cpu_mean']) / 2):.2f}×**.", ""]
+        lines += [
+            f"Shampoo ordinary step {sh['normal'] * 1e3:.0f} ms (median {sh['normal_median'] * 1e3:.0f} ms), "
+            f"refresh step {sh['refresh'] * 1e3:.0f} ms → amortized for precondition_frequency=100: "
+            f"**{s_amort * 1e3:.0f} ms = {s_amort / adamw:.2f}× DDP+AdamW** ({adamw * 1e3:.0f} ms, mean of "
+            "both AdamW runs). Target ≤ 1.5×.",
+            "",
+            f"By CPU time (insensitive to other processes on the cores, blind to waiting for peers): "
+            f"Shampoo amortized {sh['cpu_amortized'] * 1e3:.0f} ms (refresh step {sh['cpu_refresh'] * 1e3:.0f} ms) "
+            f"vs AdamW {(a1['cpu_mean'] + a2['cpu_mean']) / 2 * 1e3:.0f} ms: "
+            f"**{sh['cpu_amortized'] / ((a1['cpu_mean'] + a2['cpu_mean']) / 2):.2f}×**.",
+            "",
+        ]
     blocks = [statistics.mean(r["blocks_ms"]) for r in ranks]
     exch = [statistics.mean(r["exchange_ms"]) for r in ranks]
-    lines += ["| rank | blocks owned (matrix) | Shampoo state | preconditioners (stats+roots) | block compute/step | "
-              "all-gather + unpack/step |", "|---|---|---|---|---|---|"]
+    lines += [
+        "| rank | blocks owned (matrix) | Shampoo state | preconditioners (stats+roots) | block compute/step | "
+        "all-gather + unpack/step |",
+        "|---|---|---|---|---|---|",
+    ]
     for i, r in enumerate(ranks):
-        lines.append(f"| {i} | {r['owned']} ({r['owned_matrix']}) | {fmt_bytes(r['state_bytes'])} | "
-                     f"{fmt_bytes(r['precond_bytes'])} | {blocks[i]:.0f} ms | {exch[i]:.0f} ms |")
+        lines.append(
+            f"| {i} | {r['owned']} ({r['owned_matrix']}) | {fmt_bytes(r['state_bytes'])} | "
+            f"{fmt_bytes(r['precond_bytes'])} | {blocks[i]:.0f} ms | {exch[i]:.0f} ms |"
+        )
     total_pre = sum(r["precond_bytes"] for r in ranks)
     comm = ranks[0]["comm_bytes_per_step"]
     shares = ", ".join(f"{r['precond_bytes'] / total_pre:.1%}" for r in ranks)
-    lines += ["", f"Preconditioner memory: {fmt_bytes(total_pre)} in total, {shares} per rank (1/N = 50%). "
-              f"AdamW state per rank (replicated): {fmt_bytes(res['adamw_1'][0]['state_bytes'])}. "
-              f"Root failures: {ranks[0]['failures']}.",
-              "", "Traffic per rank per Shampoo step (ring-algorithm volume): "
-              + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sorted(comm.items())) + ".", ""]
+    lines += [
+        "",
+        f"Preconditioner memory: {fmt_bytes(total_pre)} in total, {shares} per rank (1/N = 50%). "
+        f"AdamW state per rank (replicated): {fmt_bytes(res['adamw_1'][0]['state_bytes'])}. "
+        f"Root failures: {ranks[0]['failures']}.",
+        "",
+        "Traffic per rank per Shampoo step (ring-algorithm volume): "
+        + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sorted(comm.items()))
+        + ".",
+        "",
+    ]
     return lines
 
 
@@ -264,7 +317,9 @@ def analysis_lines() -> list[str]:
         f"~{per_param / 2 / (6 * batch):.0f}× the forward/backward arithmetic, so at this batch size Shampoo's "
         "per-step matrix products, not communication, set the ratio; it shrinks as the per-rank batch grows "
         "or with more ranks (the block work is divided by N, the forward/backward is not). Root refreshes "
-        "(eigendecompositions) add ~1/100 of a refresh step per step.", ""]
+        "(eigendecompositions) add ~1/100 of a refresh step per step.",
+        "",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,27 +341,41 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python bench/shampoo.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     lines += [f"Command: `{cmd.strip()}`", ""]
     info = machine_info()
-    lines += [f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']}; {info['os']}; Python "
-              f"{info['python']}, torch {info['torch']}; {info['date']}.", ""]
+    lines += [
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']}; {info['os']}; Python "
+        f"{info['python']}, torch {info['torch']}; {info['date']}.",
+        "",
+    ]
     if not args.skip_targets:
-        lines += ["## Steps to target", "",
-                  "Same engine for both; weight decay 0; Shampoo defaults (betas (0.9, 1.0), Adam grafting, "
-                  "eps 1e-12, max_preconditioner_dim 1024) with precondition_frequency 10 (regression) / 20 "
-                  "(digits). The regression weight (1×32) merges to one 32-vector with a full 32×32 "
-                  "preconditioner (exponent −1/2); digits' 64×64 layers are 2-D blocks, the 10×64 output "
-                  "layer merges to a 640-vector.", ""]
+        lines += [
+            "## Steps to target",
+            "",
+            "Same engine for both; weight decay 0; Shampoo defaults (betas (0.9, 1.0), Adam grafting, "
+            "eps 1e-12, max_preconditioner_dim 1024) with precondition_frequency 10 (regression) / 20 "
+            "(digits). The regression weight (1×32) merges to one 32-vector with a full 32×32 "
+            "preconditioner (exponent −1/2); digits' 64×64 layers are 2-D blocks, the 10×64 output "
+            "layer merges to a 640-vector.",
+            "",
+        ]
         for kappa in (1e3, 1e4):
             max_steps = 200 if args.quick else None
             t0 = time.time()
             res = grid("regression", seeds, kappa, max_steps)
-            lines += target_table(f"Regression, condition number {kappa:.0e}, target held-out MSE ≤ "
-                                  f"{REGRESSION['target']} (noise floor 0.01)", res, max_steps or REGRESSION["max_steps"])
+            lines += target_table(
+                f"Regression, condition number {kappa:.0e}, target held-out MSE ≤ "
+                f"{REGRESSION['target']} (noise floor 0.01)",
+                res,
+                max_steps or REGRESSION["max_steps"],
+            )
             print(f"regression κ={kappa:g}: {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
         t0 = time.time()
         max_steps = 300 if args.quick else None
         res = grid("digits", seeds, max_steps=max_steps)
-        lines += target_table(f"Digits, target held-out cross-entropy ≤ {DIGITS['target']}", res,
-                              max_steps or DIGITS["max_steps"])
+        lines += target_table(
+            f"Digits, target held-out cross-entropy ≤ {DIGITS['target']}",
+            res,
+            max_steps or DIGITS["max_steps"],
+        )
         print(f"digits: {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     if not args.skip_timing:
         t0 = time.time()
@@ -315,9 +384,12 @@ def main(argv: list[str] | None = None) -> int:
         load1 = os.getloadavg()[0]
         lines += ["## Step time, 25M model, 2 ranks", ""] + timing_lines(res, steps, warmup, freq)
         lines += analysis_lines()
-        lines += [f"1-minute load average at the start / end of the timing runs: {load0:.1f} / {load1:.1f} "
-                  f"({os.cpu_count()} cores; above ~2 other processes shared the cores and wall times are inflated "
-                  "— compare the CPU-time column).", ""]
+        lines += [
+            f"1-minute load average at the start / end of the timing runs: {load0:.1f} / {load1:.1f} "
+            f"({os.cpu_count()} cores; above ~2 other processes shared the cores and wall times are inflated "
+            "— compare the CPU-time column).",
+            "",
+        ]
         print(f"timing: {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     lines += [f"Total benchmark time: {time.time() - started:.0f} s.", ""]
     text = "\n".join(lines)

@@ -45,12 +45,17 @@ QUICK = {"width": 64, "hidden": 256, "blocks": 2, "batch": 8, "warmup": 1, "step
 
 CONFIGS: list[dict[str, Any]] = [
     {"key": "ddp-adamw", "label": "DDP + torch AdamW(foreach)", "kind": "ddp", "rule": "adamw"},
-    {"key": "torch-zero", "label": "DDP + torch ZeroRedundancyOptimizer(AdamW)", "kind": "torch-zero",
-     "rule": "adamw"},
+    {
+        "key": "torch-zero",
+        "label": "DDP + torch ZeroRedundancyOptimizer(AdamW)",
+        "kind": "torch-zero",
+        "rule": "adamw",
+    },
     {"key": "deepspeed-z1", "label": "DeepSpeed ZeRO-1 AdamW (cpu)", "kind": "deepspeed", "rule": "adamw"},
 ] + [
     {"key": f"distopt-{r}-z{z}", "label": f"dist-opt {r}, zero {z}", "kind": "distopt", "rule": r, "stage": z}
-    for r in ("adamw", "lamb", "lars") for z in (0, 1, 2)
+    for r in ("adamw", "lamb", "lars")
+    for z in (0, 1, 2)
 ]
 LR = {"adamw": 1e-3, "lamb": 1e-3, "lars": 1e-2}
 WEIGHT_DECAY = 0.01
@@ -95,7 +100,9 @@ class _TorchRunner:
         if spec["kind"] == "torch-zero":
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
-            self.opt = ZeroRedundancyOptimizer(self.model.parameters(), optimizer_class=torch.optim.AdamW, **kw)
+            self.opt = ZeroRedundancyOptimizer(
+                self.model.parameters(), optimizer_class=torch.optim.AdamW, **kw
+            )
             self.inner = self.opt.optim
         else:
             self.opt = torch.optim.AdamW(self.model.parameters(), **kw)
@@ -139,13 +146,24 @@ class _DeepSpeedRunner:
 
         deepspeed.init_distributed(dist_backend="gloo")  # torch.distributed is up: DS just wraps it
         cfg = {
-            "train_micro_batch_size_per_gpu": spec["batch"], "gradient_accumulation_steps": 1,
-            "optimizer": {"type": "AdamW", "params": {"lr": LR["adamw"], "weight_decay": WEIGHT_DECAY,
-                                                      "betas": [0.9, 0.999], "eps": 1e-8}},
-            "zero_optimization": {"stage": 1}, "steps_per_print": 10**9, "wall_clock_breakdown": False,
+            "train_micro_batch_size_per_gpu": spec["batch"],
+            "gradient_accumulation_steps": 1,
+            "optimizer": {
+                "type": "AdamW",
+                "params": {
+                    "lr": LR["adamw"],
+                    "weight_decay": WEIGHT_DECAY,
+                    "betas": [0.9, 0.999],
+                    "eps": 1e-8,
+                },
+            },
+            "zero_optimization": {"stage": 1},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
         }
-        self.engine, self.opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                                           config=cfg)
+        self.engine, self.opt, _, _ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=cfg
+        )
         self.inner = self.opt.optimizer
         self.outer_t = _Timed(self.opt)
         self.inner_t = _Timed(self.inner)
@@ -183,11 +201,19 @@ class _DistOptRunner:
         from dist_opt.engine.sharded import ShardedOptimizer
 
         self.model = model
-        self.opt = ShardedOptimizer(model.named_parameters(), spec["rule"], lr=LR[spec["rule"]],
-                                    weight_decay=WEIGHT_DECAY, zero_stage=spec["stage"])
+        self.opt = ShardedOptimizer(
+            model.named_parameters(),
+            spec["rule"],
+            lr=LR[spec["rule"]],
+            weight_decay=WEIGHT_DECAY,
+            zero_stage=spec["stage"],
+        )
         self.outer_t = _Timed(self.opt)
-        self.parts: dict[str, list[float]] = {"grad_comm_wait_ms": [], "optimizer_ms": [],
-                                              "param_all_gather_ms": []}
+        self.parts: dict[str, list[float]] = {
+            "grad_comm_wait_ms": [],
+            "optimizer_ms": [],
+            "param_all_gather_ms": [],
+        }
         self.ledger_bytes = 0
 
     def step(self, x: Any, y: Any) -> float:
@@ -227,8 +253,15 @@ class _DistOptRunner:
         events = list(held["prof"].key_averages())
         total = sum(e.self_cpu_time_total for e in events) or 1.0
         events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-        return [(e.key, e.self_cpu_time_total / 1e3, e.self_cpu_time_total / total,
-                 max(0, int(e.self_cpu_memory_usage))) for e in events[:top]]
+        return [
+            (
+                e.key,
+                e.self_cpu_time_total / 1e3,
+                e.self_cpu_time_total / total,
+                max(0, int(e.self_cpu_memory_usage)),
+            )
+            for e in events[:top]
+        ]
 
     def state_bytes(self) -> int:
         return self.opt.state_bytes()
@@ -246,8 +279,12 @@ class _DistOptRunner:
         return out
 
 
-_RUNNERS = {"ddp": _TorchRunner, "torch-zero": _TorchRunner, "deepspeed": _DeepSpeedRunner,
-            "distopt": _DistOptRunner}
+_RUNNERS = {
+    "ddp": _TorchRunner,
+    "torch-zero": _TorchRunner,
+    "deepspeed": _DeepSpeedRunner,
+    "distopt": _DistOptRunner,
+}
 
 
 def bench_rank(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
@@ -263,8 +300,13 @@ def bench_rank(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
         bw_concurrent = copy_bandwidth(spec["probe_bw_numel"], repeats=5)
     model = make_25m_model(spec["width"], spec["hidden"], spec["blocks"], seed=0)
     gen = torch.Generator().manual_seed(1000 + rank)
-    batches = [(torch.randn(spec["batch"], spec["width"], generator=gen),
-                torch.randn(spec["batch"], spec["width"], generator=gen)) for _ in range(2)]
+    batches = [
+        (
+            torch.randn(spec["batch"], spec["width"], generator=gen),
+            torch.randn(spec["batch"], spec["width"], generator=gen),
+        )
+        for _ in range(2)
+    ]
     runner = _RUNNERS[spec["kind"]](model, spec, world)
     rss_setup = peak_rss_bytes()
     times, losses = [], []
@@ -288,17 +330,27 @@ def bench_rank(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
         runner.ledger_bytes = round(comm.ledger.total_bytes / n)
     counted = round(counter.total_bytes / n)
     profile = runner.profile_update(*batches[0]) if isinstance(runner, _DistOptRunner) else []
-    opt_step = runner.outer_t.times[spec["warmup"]:]
-    update = runner.update_times()[spec["warmup"]:]
+    opt_step = runner.outer_t.times[spec["warmup"] :]
+    update = runner.update_times()[spec["warmup"] :]
     return {
-        "step_s": statistics.median(times), "step_min_s": min(times),
+        "step_s": statistics.median(times),
+        "step_min_s": min(times),
         "opt_step_s": statistics.median(opt_step) if opt_step else None,
         "update_s": statistics.median(update) if update else None,
-        "state_bytes": runner.state_bytes(), "shard_numel": runner.shard_numel(), "params": n_params(model),
-        "comm_bytes": runner.comm_bytes(counted), "counted_bytes": counted,
+        "state_bytes": runner.state_bytes(),
+        "shard_numel": runner.shard_numel(),
+        "params": n_params(model),
+        "comm_bytes": runner.comm_bytes(counted),
+        "counted_bytes": counted,
         "counted_calls": {k: v / n for k, v in counter.calls.items()},
-        "rss_start": rss_start, "rss_setup": rss_setup, "peak_rss": peak_rss_bytes(), "first_loss": losses[0], "last_loss": losses[-1],
-        "extras": runner.extras(), "bw_concurrent": bw_concurrent, "load": max(load),
+        "rss_start": rss_start,
+        "rss_setup": rss_setup,
+        "peak_rss": peak_rss_bytes(),
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "extras": runner.extras(),
+        "bw_concurrent": bw_concurrent,
+        "load": max(load),
         "profile": profile,
     }
 
@@ -319,22 +371,35 @@ def summarize(cfg: dict[str, Any], per_rank: list[dict[str, Any]], bw: float) ->
     """One table row from the ranks' results (times: slowest rank; memory: largest rank)."""
     r0 = per_rank[0]
     shard = max(r["shard_numel"] for r in per_rank)
-    update = max(r["update_s"] for r in per_rank) if all(r["update_s"] is not None for r in per_rank) else None
+    update = (
+        max(r["update_s"] for r in per_rank) if all(r["update_s"] is not None for r in per_rank) else None
+    )
     bound = BYTES_PER_PARAM[cfg["rule"]] * shard / bw
     extras: dict[str, float] = {}
     for k in r0["extras"]:
         extras[k] = max(r["extras"][k] for r in per_rank)
     return {
-        **cfg, "ok": True, "step_s": max(r["step_s"] for r in per_rank),
-        "step_min_s": max(r["step_min_s"] for r in per_rank), "load": max(r["load"] for r in per_rank),
+        **cfg,
+        "ok": True,
+        "step_s": max(r["step_s"] for r in per_rank),
+        "step_min_s": max(r["step_min_s"] for r in per_rank),
+        "load": max(r["load"] for r in per_rank),
         "opt_step_s": max(r["opt_step_s"] for r in per_rank),
-        "update_s": update, "bound_s": bound, "bytes_per_param": BYTES_PER_PARAM[cfg["rule"]],
-        "state_bytes": max(r["state_bytes"] for r in per_rank), "shard_numel": shard, "params": r0["params"],
-        "peak_rss": max(r["peak_rss"] for r in per_rank), "rss_start": max(r["rss_start"] for r in per_rank),
+        "update_s": update,
+        "bound_s": bound,
+        "bytes_per_param": BYTES_PER_PARAM[cfg["rule"]],
+        "state_bytes": max(r["state_bytes"] for r in per_rank),
+        "shard_numel": shard,
+        "params": r0["params"],
+        "peak_rss": max(r["peak_rss"] for r in per_rank),
+        "rss_start": max(r["rss_start"] for r in per_rank),
         "rss_setup": max(r["rss_setup"] for r in per_rank),
         "comm_bytes": max(r["comm_bytes"] for r in per_rank),
-        "counted_bytes": max(r["counted_bytes"] for r in per_rank), "counted_calls": r0["counted_calls"],
-        "first_loss": r0["first_loss"], "last_loss": r0["last_loss"], "extras": extras,
+        "counted_bytes": max(r["counted_bytes"] for r in per_rank),
+        "counted_calls": r0["counted_calls"],
+        "first_loss": r0["first_loss"],
+        "last_loss": r0["last_loss"],
+        "extras": extras,
         "profile": r0["profile"],
     }
 
@@ -347,8 +412,10 @@ def _ms(s: float | None) -> str:
     return "—" if s is None else f"{1e3 * s:.1f}"
 
 
-TABLE_HEADER = ("| config | step ms (median) | × DDP+AdamW | opt state / rank | × unsharded | peak RSS / rank "
-                "| comm / step / rank | update ms | bound ms (B/param) | × bound |")
+TABLE_HEADER = (
+    "| config | step ms (median) | × DDP+AdamW | opt state / rank | × unsharded | peak RSS / rank "
+    "| comm / step / rank | update ms | bound ms (B/param) | × bound |"
+)
 TABLE_COLUMNS = TABLE_HEADER.count("|") - 1
 
 
@@ -360,10 +427,16 @@ def render_table(rows: Sequence[dict[str, Any]]) -> str:
             cells = [r["label"], "error: " + r["error"].replace("|", "/")] + ["—"] * (TABLE_COLUMNS - 2)
         else:
             cells = [
-                r["label"], _ms(r["step_s"]), _ratio(r["step_s"], base and base["step_s"]),
-                fmt_bytes(r["state_bytes"]), _ratio(r["state_bytes"], base and base["state_bytes"]),
-                fmt_bytes(r["peak_rss"]), fmt_bytes(r["comm_bytes"]), _ms(r["update_s"]),
-                f"{_ms(r['bound_s'])} ({r['bytes_per_param']})", _ratio(r["update_s"], r["bound_s"]),
+                r["label"],
+                _ms(r["step_s"]),
+                _ratio(r["step_s"], base and base["step_s"]),
+                fmt_bytes(r["state_bytes"]),
+                _ratio(r["state_bytes"], base and base["state_bytes"]),
+                fmt_bytes(r["peak_rss"]),
+                fmt_bytes(r["comm_bytes"]),
+                _ms(r["update_s"]),
+                f"{_ms(r['bound_s'])} ({r['bytes_per_param']})",
+                _ratio(r["update_s"], r["bound_s"]),
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -371,9 +444,12 @@ def render_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def render_details(rows: Sequence[dict[str, Any]], bw2: float | None) -> str:
     """Second table: where a step's time goes, the update vs the concurrent-bandwidth bound, traffic."""
-    lines = ["| config | step ms min | opt.step() ms | grad-sync wait ms | param all-gather ms "
-             "| update × bound at concurrent bw | peak RSS at start / after setup | collectives per step | load avg "
-             "| loss first → last |", "|" + "---|" * 10]
+    lines = [
+        "| config | step ms min | opt.step() ms | grad-sync wait ms | param all-gather ms "
+        "| update × bound at concurrent bw | peak RSS at start / after setup | collectives per step | load avg "
+        "| loss first → last |",
+        "|" + "---|" * 10,
+    ]
     for r in rows:
         if not r["ok"]:
             continue
@@ -388,7 +464,8 @@ def render_details(rows: Sequence[dict[str, Any]], bw2: float | None) -> str:
             f"| {r['label']} | {_ms(r['step_min_s'])} | {_ms(r['opt_step_s'])} | {part('grad_comm_wait_ms')} "
             f"| {part('param_all_gather_ms')} | {_ratio(r['update_s'], bound2)} "
             f"| {fmt_bytes(r['rss_start'])} / {fmt_bytes(r['rss_setup'])} "
-            f"| {calls} | {r['load']:.1f} | {r['first_loss']:.4f} → {r['last_loss']:.4f} |")
+            f"| {calls} | {r['load']:.1f} | {r['first_loss']:.4f} → {r['last_loss']:.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -396,15 +473,24 @@ def render_profiles(rows: Sequence[dict[str, Any]], limit: float = 2.0) -> str:
     """The update's top operators (rank 0, one profiled step) for dist-opt rows over ``limit``× their bound."""
     out = []
     for r in rows:
-        if not r["ok"] or not r.get("profile") or r["update_s"] is None or r["update_s"] <= limit * r["bound_s"]:
+        if (
+            not r["ok"]
+            or not r.get("profile")
+            or r["update_s"] is None
+            or r["update_s"] <= limit * r["bound_s"]
+        ):
             continue
-        ops = "; ".join(f"`{name}` {100 * share:.0f}% ({ms:.1f} ms{f', allocates {fmt_bytes(mem)}' if mem else ''})"
-                        for name, ms, share, mem in r["profile"])
+        ops = "; ".join(
+            f"`{name}` {100 * share:.0f}% ({ms:.1f} ms{f', allocates {fmt_bytes(mem)}' if mem else ''})"
+            for name, ms, share, mem in r["profile"]
+        )
         out.append(f"- {r['label']} ({r['update_s'] / r['bound_s']:.1f}× its bound): {ops}")
     if not out:
         return "- every dist-opt update is within 2× of its bound"
-    out.append("- (an operator that allocates its result writes into freshly mapped memory every step: page faults "
-               "and zero-filling make it several times slower than an in-place operator over the same elements)")
+    out.append(
+        "- (an operator that allocates its result writes into freshly mapped memory every step: page faults "
+        "and zero-filling make it several times slower than an in-place operator over the same elements)"
+    )
     return "\n".join(out)
 
 
@@ -431,8 +517,11 @@ def check_targets(rows: Sequence[dict[str, Any]]) -> list[str]:
         if key in by and by[key]["update_s"] is not None:
             r = by[key]
             q = r["update_s"] / r["bound_s"]
-            line(q <= 2.0, f"{r['label']}: update {1e3 * r['update_s']:.1f} ms vs bound "
-                 f"{1e3 * r['bound_s']:.1f} ms = {q:.2f}× (target ≤ 2×)")
+            line(
+                q <= 2.0,
+                f"{r['label']}: update {1e3 * r['update_s']:.1f} ms vs bound "
+                f"{1e3 * r['bound_s']:.1f} ms = {q:.2f}× (target ≤ 2×)",
+            )
     return out
 
 
@@ -489,18 +578,27 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
         keys = [k.strip() for k in args.only.split(",") if k.strip()]
         unknown = sorted(set(keys) - {c["key"] for c in CONFIGS})
         if unknown:
-            raise SystemExit(f"--only: unknown config(s) {', '.join(unknown)}; known: "
-                             f"{', '.join(c['key'] for c in CONFIGS)}")
+            raise SystemExit(
+                f"--only: unknown config(s) {', '.join(unknown)}; known: "
+                f"{', '.join(c['key'] for c in CONFIGS)}"
+            )
         configs = [c for c in CONFIGS if c["key"] in keys]
     bw_numel = 2**20 if args.quick else 64 * 2**20
     bw = copy_bandwidth(bw_numel)
-    info: dict[str, Any] = {"sizes": sizes, "bw": bw, "bw2": None, "machine": machine_info(), "world": args.world,
-                            "rounds": args.rounds,
-                            "bw_numel": bw_numel}
+    info: dict[str, Any] = {
+        "sizes": sizes,
+        "bw": bw,
+        "bw2": None,
+        "machine": machine_info(),
+        "world": args.world,
+        "rounds": args.rounds,
+        "bw_numel": bw_numel,
+    }
     if any(c["kind"] == "deepspeed" for c in configs):
         try:
-            info["ds_build_s"] = run_ranks(_prepare_deepspeed, 1, timeout_s=900,
-                                           extra_env={"DS_ACCELERATOR": "cpu"})[0]
+            info["ds_build_s"] = run_ranks(
+                _prepare_deepspeed, 1, timeout_s=900, extra_env={"DS_ACCELERATOR": "cpu"}
+            )[0]
         except Exception as e:  # noqa: BLE001 - the DeepSpeed row reports it
             info["ds_error"] = _first_line(e)
     best: dict[str, dict[str, Any]] = {}
@@ -524,8 +622,12 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]
             if prev is None or not prev["ok"] or (row["ok"] and row["step_s"] < prev["step_s"]):
                 best[cfg["key"]] = row
             status = f"{1e3 * row['step_s']:.1f} ms/step" if row["ok"] else f"ERROR {row['error']}"
-            print(f"[bench.step] round {rnd + 1}/{args.rounds} {cfg['key']}: {status} "
-                  f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+            print(
+                f"[bench.step] round {rnd + 1}/{args.rounds} {cfg['key']}: {status} "
+                f"({time.perf_counter() - t0:.0f}s)",
+                file=sys.stderr,
+                flush=True,
+            )
     rows = [best[c["key"]] for c in configs]
     # bandwidth again at the end, the best of both (other load on the machine only lowers it)
     bw_end = copy_bandwidth(bw_numel)
@@ -551,9 +653,12 @@ def _load_warning(rows: Sequence[dict[str, Any]], world: int) -> list[str]:
     if not busy:
         return []
     worst = max(r["load"] for r in busy)
-    return [f"**Warning:** the 1-minute load average reached {worst:.1f} on {cores} cores during {len(busy)} of "
-            f"{len(rows)} configurations (see \"load avg\" in the details): other processes competed for the CPUs, "
-            "so those times are inflated and the ratios are not reliable. Rerun on an idle machine.", ""]
+    return [
+        f"**Warning:** the 1-minute load average reached {worst:.1f} on {cores} cores during {len(busy)} of "
+        f'{len(rows)} configurations (see "load avg" in the details): other processes competed for the CPUs, '
+        "so those times are inflated and the ratios are not reliable. Rerun on an idle machine.",
+        "",
+    ]
 
 
 def render(rows: Sequence[dict[str, Any]], info: dict[str, Any], command: str) -> str:
@@ -563,48 +668,99 @@ def render(rows: Sequence[dict[str, Any]], info: dict[str, Any], command: str) -
     ds = next((r for r in ok if r["kind"] == "deepspeed"), None)
     dist_rows = [r for r in ok if r["kind"] == "distopt"]
     diff = [r["key"] for r in dist_rows if r["comm_bytes"] != r["counted_bytes"]]
-    cross = ("n/a" if not dist_rows else f"DIFFERENT for {', '.join(diff)}" if diff
-             else f"equal for all {len(dist_rows)} dist-opt rows")
-    notes = NOTES.format(world=info["world"], rounds=info["rounds"], params=params, lr_adamw=LR["adamw"], lr_lars=LR["lars"],
-                         wd=WEIGHT_DECAY, bw=info["bw"] / 1e9, bw2=(info["bw2"] or float("nan")) / 1e9, crosscheck=cross, bw_mib=info["bw_numel"] * 4 // 2**20,
-                         ds_master=fmt_bytes(ds["extras"].get("master_partition_bytes")) if ds else "n/a", **s)
+    cross = (
+        "n/a"
+        if not dist_rows
+        else f"DIFFERENT for {', '.join(diff)}"
+        if diff
+        else f"equal for all {len(dist_rows)} dist-opt rows"
+    )
+    notes = NOTES.format(
+        world=info["world"],
+        rounds=info["rounds"],
+        params=params,
+        lr_adamw=LR["adamw"],
+        lr_lars=LR["lars"],
+        wd=WEIGHT_DECAY,
+        bw=info["bw"] / 1e9,
+        bw2=(info["bw2"] or float("nan")) / 1e9,
+        crosscheck=cross,
+        bw_mib=info["bw_numel"] * 4 // 2**20,
+        ds_master=fmt_bytes(ds["extras"].get("master_partition_bytes")) if ds else "n/a",
+        **s,
+    )
     machine = ", ".join(f"{k} {v}" for k, v in m.items() if k != "date")
     out = [
-        "# bench.step: optimizer step time, memory and traffic", "",
-        f"Command: `{command}`  ", f"Date: {m['date']}  ", f"Machine: {machine}  ",
+        "# bench.step: optimizer step time, memory and traffic",
+        "",
+        f"Command: `{command}`  ",
+        f"Date: {m['date']}  ",
+        f"Machine: {machine}  ",
         f"World: {info['world']} ranks (gloo, CPU, OMP_NUM_THREADS=1); Ψ = {params:,} parameters; "
-        f"{s['warmup']} warmup + {s['steps']} timed steps, best of {info['rounds']} round(s)", "",
-        *_load_warning(rows, info["world"]), "## Results", "", render_table(rows), "", "## Targets", "",
-        *(check_targets(rows) or ["- (no target configurations ran)"]), "",
-        "## Where the update's time goes (torch.profiler, self CPU time, rank 0)", "", render_profiles(rows), "",
-        "## Details", "", render_details(rows, info["bw2"]), "", "## Method", "", notes,
+        f"{s['warmup']} warmup + {s['steps']} timed steps, best of {info['rounds']} round(s)",
+        "",
+        *_load_warning(rows, info["world"]),
+        "## Results",
+        "",
+        render_table(rows),
+        "",
+        "## Targets",
+        "",
+        *(check_targets(rows) or ["- (no target configurations ran)"]),
+        "",
+        "## Where the update's time goes (torch.profiler, self CPU time, rank 0)",
+        "",
+        render_profiles(rows),
+        "",
+        "## Details",
+        "",
+        render_details(rows, info["bw2"]),
+        "",
+        "## Method",
+        "",
+        notes,
     ]
     if "ds_build_s" in info:
-        out.append(f"DeepSpeed's CPU FusedAdam op was built/loaded before timing ({info['ds_build_s']:.0f} s).")
+        out.append(
+            f"DeepSpeed's CPU FusedAdam op was built/loaded before timing ({info['ds_build_s']:.0f} s)."
+        )
     return "\n".join(out) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.step", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny model and few steps (smoke test)")
-    p.add_argument("--only", default="", help="comma-separated config keys: " + ", ".join(c["key"] for c in CONFIGS))
+    p.add_argument(
+        "--only", default="", help="comma-separated config keys: " + ", ".join(c["key"] for c in CONFIGS)
+    )
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default 3; quick 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 15; quick 3)")
     p.add_argument("--world", type=int, default=2, help="ranks (default 2)")
-    p.add_argument("--rounds", type=int, default=None,
-                   help="run every configuration this many times, keep the faster round (default 3; quick 1)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="run every configuration this many times, keep the faster round (default 3; quick 1)",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per configuration")
-    p.add_argument("--out", default=None,
-                   help="results file (default bench/results/step.md for a full run; quick runs only print "
-                        "unless given)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="results file (default bench/results/step.md for a full run; quick runs only print "
+        "unless given)",
+    )
     return p
 
 
 def run_cli(argv: Sequence[str] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
     """Parse ``argv``, run the configurations, write the results file; returns (rows, info, markdown)."""
     args = build_parser().parse_args(argv)
-    if (args.world < 1 or (args.steps is not None and args.steps < 1) or (args.warmup is not None and args.warmup < 0)
-            or (args.rounds is not None and args.rounds < 1)):
+    if (
+        args.world < 1
+        or (args.steps is not None and args.steps < 1)
+        or (args.warmup is not None and args.warmup < 0)
+        or (args.rounds is not None and args.rounds < 1)
+    ):
         raise SystemExit("bench.step: --world, --steps and --rounds must be >= 1, --warmup >= 0")
     argv_list = list(sys.argv[1:] if argv is None else argv)
     command = " ".join(["python -m bench.step", *argv_list])

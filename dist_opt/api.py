@@ -52,7 +52,9 @@ def resolve_config(config: ConfigLike, overrides: Sequence[str] = ()) -> Config:
     """A validated :class:`Config` from a YAML path, a dict of sections, or a ``Config``, with dotted
     ``key=value`` overrides applied as on the command line. Raises :class:`ConfigError`."""
     if isinstance(overrides, str):
-        raise ConfigError([f"overrides: expected a sequence of key=value strings, got the string {overrides!r}"])
+        raise ConfigError(
+            [f"overrides: expected a sequence of key=value strings, got the string {overrides!r}"]
+        )
     if isinstance(config, Config):
         if not overrides:
             return config
@@ -107,9 +109,11 @@ def _this_program(nproc: int) -> list[str]:
     spec = getattr(main, "__spec__", None)
     name = getattr(spec, "name", None) or ""
     script = sys.argv[0] if sys.argv else ""
-    hint = (f"distributed.nproc: {nproc} ranks need a script to re-run, and this process has none "
-            f"(interactive, -c or a test runner); start your script with `torchrun --nproc-per-node {nproc} "
-            f"script.py` (or another launcher), or set distributed.nproc=1")
+    hint = (
+        f"distributed.nproc: {nproc} ranks need a script to re-run, and this process has none "
+        f"(interactive, -c or a test runner); start your script with `torchrun --nproc-per-node {nproc} "
+        f"script.py` (or another launcher), or set distributed.nproc=1"
+    )
     if hasattr(sys, "ps1") or name.split(".")[0] in _NOT_A_SCRIPT or Path(script).stem in _NOT_A_SCRIPT:
         raise ConfigError([hint])
     if name and name != "__main__":

@@ -21,8 +21,9 @@ import traceback
 from pathlib import Path
 
 _C10D_FILE = os.path.join("torch", "distributed", "distributed_c10d.py")
-_BACKEND_TEXT = re.compile(r"gloo|nccl|Timed out waiting|Connection (closed|reset) by peer|Socket Timeout",
-                           re.I)
+_BACKEND_TEXT = re.compile(
+    r"gloo|nccl|Timed out waiting|Connection (closed|reset) by peer|Socket Timeout", re.I
+)
 _PKG_DIR = str(Path(__file__).resolve().parent)
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG})
 

@@ -48,6 +48,7 @@ class TrainerView(Protocol):
     @property
     def opt(self) -> Any:
         """The engine's optimizer (``ShardedOptimizer`` or an integration's adapter)."""
+
     @property
     def task(self) -> Task: ...
     @property
@@ -59,11 +60,13 @@ class TrainerView(Protocol):
     @property
     def tracker(self) -> Tracker | None:
         """Open from after ``setup`` until the run ends."""
+
     @property
     def extensions(self) -> Sequence[Extension]: ...
     @property
     def step(self) -> int:
         """Optimizer steps done (applied or skipped); inside ``after_step`` it already counts that step."""
+
     @property
     def total_steps(self) -> int: ...
     @property

@@ -89,8 +89,14 @@ class PreemptionExtension(Extension):
         global _ACTIVE
         self.trainer = trainer
         self._install()
-        self.monitor = PeerMonitor(trainer.rank, trainer.world, self.timeout_s, lambda: trainer.step,
-                                   exit_process=self._exit_process, watchdog=self._watchdog)
+        self.monitor = PeerMonitor(
+            trainer.rank,
+            trainer.world,
+            self.timeout_s,
+            lambda: trainer.step,
+            exit_process=self._exit_process,
+            watchdog=self._watchdog,
+        )
         self.monitor.start()
         self._last_step_at = time.monotonic()
         _ACTIVE = self
@@ -100,8 +106,11 @@ class PreemptionExtension(Extension):
         if self._last_step_at is not None:
             self.slowest_step_s = max(self.slowest_step_s, now - self._last_step_at)
         if self.hang_at is not None and self.hang_at == (trainer.rank, trainer.step):
-            print(f"dist-opt: rank {trainer.rank}: {ENV_HANG}: hanging after step {trainer.step} (test hook)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"dist-opt: rank {trainer.rank}: {ENV_HANG}: hanging after step {trainer.step} (test hook)",
+                file=sys.stderr,
+                flush=True,
+            )
             while True:
                 time.sleep(3600)
         if self.step_sleep > 0:
@@ -153,8 +162,10 @@ class PreemptionExtension(Extension):
             return None
         if now - max(self.signal_at, self._last_step_at or 0.0) <= self.watchdog_limit_s():
             return None
-        return (f"received {self.signal_name} but reached no step boundary within "
-                f"{self.watchdog_limit_s():.0f}s; exiting without a checkpoint")
+        return (
+            f"received {self.signal_name} but reached no step boundary within "
+            f"{self.watchdog_limit_s():.0f}s; exiting without a checkpoint"
+        )
 
     def _exit_process(self, why: str) -> None:
         rank = self.trainer.rank if self.trainer is not None else 0

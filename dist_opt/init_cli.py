@@ -31,8 +31,11 @@ class _ArgParser(argparse.ArgumentParser):
 def starter_configs() -> dict[str, str]:
     """Name -> YAML text of every starter config shipped with the package."""
     folder = files("dist_opt").joinpath("configs")
-    return {p.name[:-5]: p.read_text(encoding="utf-8")
-            for p in sorted(folder.iterdir(), key=lambda p: p.name) if p.name.endswith(".yaml")}
+    return {
+        p.name[:-5]: p.read_text(encoding="utf-8")
+        for p in sorted(folder.iterdir(), key=lambda p: p.name)
+        if p.name.endswith(".yaml")
+    }
 
 
 def _summary(text: str, width: int = 100) -> str:

@@ -33,13 +33,17 @@ class NoiseScale:
         self.updates = 0
 
     @staticmethod
-    def estimates(local_sq_norm_mean: float, global_sq_norm: float, b_small: int, b_big: int) -> tuple[float, float]:
+    def estimates(
+        local_sq_norm_mean: float, global_sq_norm: float, b_small: int, b_big: int
+    ) -> tuple[float, float]:
         """One step's unbiased ``(tr(Sigma)_est, |G|^2_est)``."""
         if b_small < 1 or b_big < 1:
             raise ValueError(f"batch sizes must be >= 1, got b_small={b_small}, b_big={b_big}")
         if b_big == b_small:
-            raise ValueError(f"b_big == b_small == {b_small}: the noise scale needs two different batch sizes "
-                             "(world size > 1)")
+            raise ValueError(
+                f"b_big == b_small == {b_small}: the noise scale needs two different batch sizes "
+                "(world size > 1)"
+            )
         if b_big < b_small:
             raise ValueError(f"b_big={b_big} < b_small={b_small}: b_big is the global (reduced) batch")
         trace = (local_sq_norm_mean - global_sq_norm) / (1.0 / b_small - 1.0 / b_big)
@@ -81,12 +85,20 @@ class NoiseScale:
         """``{prefix+"b_simple", prefix+"trace_sigma", prefix+"g2"}`` for logging; empty before any update."""
         if not self.updates:
             return {}
-        return {f"{prefix}b_simple": self.b_simple, f"{prefix}trace_sigma": self.trace_sigma,
-                f"{prefix}g2": self.g2}
+        return {
+            f"{prefix}b_simple": self.b_simple,
+            f"{prefix}trace_sigma": self.trace_sigma,
+            f"{prefix}g2": self.g2,
+        }
 
     def state_dict(self) -> dict[str, float | int]:
-        return {"ema": self.ema, "trace": self._trace, "g2": self._g2, "weight": self._weight,
-                "updates": self.updates}
+        return {
+            "ema": self.ema,
+            "trace": self._trace,
+            "g2": self._g2,
+            "weight": self._weight,
+            "updates": self.updates,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the accumulators; ``self.ema`` stays the constructor's (the current config wins)."""

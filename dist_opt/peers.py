@@ -43,9 +43,16 @@ def default_store() -> Any | None:
 class PeerMonitor:
     """Heartbeat + failure reports through the process group's store, plus a caller's watchdog."""
 
-    def __init__(self, rank: int, world: int, timeout_s: float, current_step: Callable[[], int],
-                 exit_process: Callable[[str], None], watchdog: Callable[[float], str | None] | None = None,
-                 store: Any | None = None):
+    def __init__(
+        self,
+        rank: int,
+        world: int,
+        timeout_s: float,
+        current_step: Callable[[], int],
+        exit_process: Callable[[str], None],
+        watchdog: Callable[[float], str | None] | None = None,
+        store: Any | None = None,
+    ):
         self.rank, self.world, self.timeout_s = rank, world, timeout_s
         self.current_step, self.exit_process, self.watchdog = current_step, exit_process, watchdog
         self.interval = min(10.0, max(1.0, timeout_s / 10))
@@ -108,8 +115,10 @@ class PeerMonitor:
                 if peers_failed_at is None:
                     peers_failed_at = now
                 elif now - peers_failed_at > self.grace + self.interval + 1.0:
-                    self._exit(f"{self._reports_text()}, while this rank was not in it (stuck after step "
-                               f"{self.current_step()}); exiting")
+                    self._exit(
+                        f"{self._reports_text()}, while this rank was not in it (stuck after step "
+                        f"{self.current_step()}); exiting"
+                    )
 
     def _exit(self, why: str) -> None:
         if self._stop.is_set():
@@ -136,8 +145,10 @@ class PeerMonitor:
         by_what: dict[str, list[int]] = {}
         for r, v in sorted(reports.items()):
             by_what.setdefault(f"{v.get('collective', '?')} after step {v.get('step', '?')}", []).append(r)
-        return "; ".join(f"rank(s) {', '.join(map(str, ranks))} reported a failed {what}"
-                         for what, ranks in by_what.items())
+        return "; ".join(
+            f"rank(s) {', '.join(map(str, ranks))} reported a failed {what}"
+            for what, ranks in by_what.items()
+        )
 
     def _heartbeats(self) -> dict[int, tuple[int, int]]:
         out = {}

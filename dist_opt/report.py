@@ -89,7 +89,9 @@ def make_figure(run_dirs: Sequence[str | Path], metric: str | Sequence[str] = "l
                 ax.plot(xs, ys, label=label, marker="o" if len(xs) <= 50 else None, markersize=3)
         if not ax.get_lines():
             keys = sorted({k for rows in runs for r in rows for k in r})
-            raise ReportError(f"no run has metric {m!r} against {x!r} (logged keys: {', '.join(keys) or 'none'})")
+            raise ReportError(
+                f"no run has metric {m!r} against {x!r} (logged keys: {', '.join(keys) or 'none'})"
+            )
         ax.set_xlabel(x)
         ax.set_ylabel(m)
         ax.grid(True, alpha=0.3)
@@ -113,13 +115,21 @@ def markdown_table(run_dirs: Sequence[str | Path], metrics: Sequence[str], x: st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dist-opt report", description="Plot metrics.jsonl of runs, one line per run.")
+    p = argparse.ArgumentParser(
+        prog="dist-opt report", description="Plot metrics.jsonl of runs, one line per run."
+    )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (run.out_dir)")
     p.add_argument("--out", required=True, help="output PNG path")
-    p.add_argument("--metric", action="append", default=None,
-                   help="metric to plot (repeatable; one panel each; default: loss)")
+    p.add_argument(
+        "--metric",
+        action="append",
+        default=None,
+        help="metric to plot (repeatable; one panel each; default: loss)",
+    )
     p.add_argument("--x", default="step", help="x axis key (default: step; e.g. samples)")
-    p.add_argument("--markdown", default=None, metavar="PATH", help="also write a summary table (- for stdout)")
+    p.add_argument(
+        "--markdown", default=None, metavar="PATH", help="also write a summary table (- for stdout)"
+    )
     return p
 
 

@@ -28,8 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.add_argument("--plot", metavar="PNG", help="write a PNG of lr vs step")
-    p.add_argument("--steps-per-epoch", type=int, metavar="N",
-                   help="optimizer steps per epoch (default: task train size // data.global_batch)")
+    p.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        metavar="N",
+        help="optimizer steps per epoch (default: task train size // data.global_batch)",
+    )
     return p
 
 
@@ -42,8 +46,12 @@ def _task_steps_per_epoch(cfg: Config) -> int | None:
         return None
     spe = size // cfg.data.global_batch
     if spe < 1:
-        raise ConfigError([f"data.global_batch: {cfg.data.global_batch} exceeds the training set size {size} "
-                           f"of task {cfg.task.name}"])
+        raise ConfigError(
+            [
+                f"data.global_batch: {cfg.data.global_batch} exceeds the training set size {size} "
+                f"of task {cfg.task.name}"
+            ]
+        )
     return spe
 
 
@@ -87,10 +95,18 @@ def plot_lr(lrs: Sequence[float], path: str | Path, title: str) -> Figure:
 def _describe(cfg: Config, total: int, spe: int | None) -> str:
     s = cfg.schedule
     base = scaled_lr(cfg, cfg.data.global_batch)
-    scale = "" if s.scale_rule == "none" else (
-        f" = optimizer.lr {cfg.optimizer.lr:g} x {s.scale_rule}({cfg.data.global_batch}/{s.reference_batch})")
-    warm = "" if s.warmup_steps == 0 or s.name == "noam" else (
-        f", warmup {s.warmup_steps} steps from {s.warmup_start_factor:g}x")
+    scale = (
+        ""
+        if s.scale_rule == "none"
+        else (
+            f" = optimizer.lr {cfg.optimizer.lr:g} x {s.scale_rule}({cfg.data.global_batch}/{s.reference_batch})"
+        )
+    )
+    warm = (
+        ""
+        if s.warmup_steps == 0 or s.name == "noam"
+        else (f", warmup {s.warmup_steps} steps from {s.warmup_start_factor:g}x")
+    )
     epochs = f", {spe} steps/epoch" if spe else ""
     return f"schedule {s.name}: base lr {base:.6g}{scale}{warm}, {total} steps{epochs}"
 

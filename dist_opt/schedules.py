@@ -211,7 +211,9 @@ class LRSchedule:
             raise ValueError(f"schedule state: unsupported version {sd.get('version')!r}")
         for key, mine in (("name", self.name), ("warmup_steps", self._warmup)):
             if sd[key] != mine:
-                raise ValueError(f"schedule state: saved with schedule.{key}={sd[key]!r}, config has {mine!r}")
+                raise ValueError(
+                    f"schedule state: saved with schedule.{key}={sd[key]!r}, config has {mine!r}"
+                )
         if len(sd["shadow_lrs"]) != len(self._shadow.param_groups):
             raise ValueError(
                 f"schedule state: saved for {len(sd['shadow_lrs'])} param groups, "
@@ -250,8 +252,13 @@ def _main_scheduler(
         return tls.MultiStepLR(shadow, milestones=list(s.milestones), gamma=s.gamma), per_step_or_epoch, None
     if s.name == "plateau":
         sched = tls.ReduceLROnPlateau(
-            shadow, mode="min", factor=s.gamma, patience=s.patience, threshold=s.threshold,
-            threshold_mode="rel", min_lr=s.min_lr,
+            shadow,
+            mode="min",
+            factor=s.gamma,
+            patience=s.patience,
+            threshold=s.threshold,
+            threshold_mode="rel",
+            min_lr=s.min_lr,
         )
         return sched, "eval", None
     if s.name == "noam":
@@ -260,8 +267,13 @@ def _main_scheduler(
     if s.name == "cosine":
         return tls.CosineAnnealingLR(shadow, T_max=decay_steps, eta_min=s.min_lr), "step", decay_steps
     if s.name == "cosine_restarts":
-        return tls.CosineAnnealingWarmRestarts(shadow, T_0=s.T_0, T_mult=s.T_mult, eta_min=s.min_lr), "step", None
+        return (
+            tls.CosineAnnealingWarmRestarts(shadow, T_0=s.T_0, T_mult=s.T_mult, eta_min=s.min_lr),
+            "step",
+            None,
+        )
     if s.name == "polynomial":
+
         def factor(base: float) -> Callable[[int], float]:
             return lambda k: polynomial_value(base, s.min_lr, k, decay_steps, s.power) / base
 

@@ -222,7 +222,9 @@ class SWAExtension(Extension):
     # -- averaging -------------------------------------------------------------------------------
     def _views(self, opt: PieceOptimizer) -> tuple[list[Tensor], list[Tensor]]:
         assert self.avg is not None, "SWAExtension.setup was not called"
-        pairs = [(a, c) for s, a, c in zip(self.specs, self._pieces, opt.owned_params(), strict=True) if s.valid]
+        pairs = [
+            (a, c) for s, a, c in zip(self.specs, self._pieces, opt.owned_params(), strict=True) if s.valid
+        ]
         return [a for a, _ in pairs], [c for _, c in pairs]
 
     @torch.no_grad()

@@ -109,9 +109,15 @@ def spawn_ranks(program: Sequence[str], nproc: int, signals: Sequence[str] = ())
     os.environ.setdefault("LOGLEVEL", "WARNING")
     forward = ["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"]
     forward += [s for s in (signal_by_name(n).name for n in signals) if s not in forward]
-    targs = torchrun_args(["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0",
-                           f"--signals-to-handle={','.join(forward)}",
-                           *program])
+    targs = torchrun_args(
+        [
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "--max-restarts=0",
+            f"--signals-to-handle={','.join(forward)}",
+            *program,
+        ]
+    )
     with tempfile.TemporaryDirectory(prefix="dist-opt-exit-") as status_dir:
         os.environ[ENV_EXIT_STATUS_DIR] = status_dir
         try:
@@ -127,8 +133,10 @@ def spawn_ranks(program: Sequence[str], nproc: int, signals: Sequence[str] = ())
             codes = read_exit_statuses(status_dir)
             if len(codes) == nproc and set(codes.values()) == {EXIT_STOPPED}:
                 return EXIT_STOPPED
-            print(f"dist-opt: {e.sigval.name}: ranks ended with exit codes {codes or 'unknown'}",
-                  file=sys.stderr)
+            print(
+                f"dist-opt: {e.sigval.name}: ranks ended with exit codes {codes or 'unknown'}",
+                file=sys.stderr,
+            )
             return 128 + int(e.sigval)
         finally:
             os.environ.pop(ENV_EXIT_STATUS_DIR, None)
@@ -177,8 +185,10 @@ def _fit(cfg: Config, device: torch.device, rank: int) -> int:
 def stop_message(e: NonFiniteStorm | StopRun) -> str:
     """The line rank 0 prints when a run ends early (the CLI's exit code is ``e.exit_code``)."""
     if isinstance(e, NonFiniteStorm):
-        return (f"dist-opt: {e} (lower optimizer.lr or set optimizer.max_grad_norm; resume=latest continues "
-                "from the last checkpoint)")
+        return (
+            f"dist-opt: {e} (lower optimizer.lr or set optimizer.max_grad_norm; resume=latest continues "
+            "from the last checkpoint)"
+        )
     return f"dist-opt: stopped early ({e}); resume with resume=latest"
 
 

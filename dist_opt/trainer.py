@@ -77,12 +77,15 @@ class Summary:
     run_dir: str = ""
 
     def lines(self) -> list[str]:
-        out = [f"steps {self.steps} ({self.skipped} skipped), samples {self.samples}, "
-               f"wall {self.wall_s:.1f}s, {self.samples_per_s:.0f} samples/s (training steps)",
-               f"final train loss {self.train_loss:.4f}"]
+        out = [
+            f"steps {self.steps} ({self.skipped} skipped), samples {self.samples}, "
+            f"wall {self.wall_s:.1f}s, {self.samples_per_s:.0f} samples/s (training steps)",
+            f"final train loss {self.train_loss:.4f}",
+        ]
         if self.eval:
-            out.append("final " + ", ".join(f"{k} {v:.4f}" for k, v in self.eval.items()
-                                            if isinstance(v, float)))
+            out.append(
+                "final " + ", ".join(f"{k} {v:.4f}" for k, v in self.eval.items() if isinstance(v, float))
+            )
         out.append(f"run directory {self.run_dir}")
         return out
 
@@ -123,8 +126,9 @@ class Trainer:
         else:
             self.total_steps = cfg.train.epochs * spe
         track = cfg.tracking.noise_scale and self.world > 1
-        self.model, self.opt = build_engine(cfg, self.model, scaled_lr(cfg, cfg.data.global_batch),
-                                            track_local_grad_norm=track)
+        self.model, self.opt = build_engine(
+            cfg, self.model, scaled_lr(cfg, cfg.data.global_batch), track_local_grad_norm=track
+        )
         self.schedule = build_schedule(cfg, self.opt, spe, self.total_steps)
         self.buffer_sync = BufferSync(self.model) if cfg.model.broadcast_buffers and self.world > 1 else None
         self.noise = NoiseScale(cfg.tracking.noise_scale_ema) if track else None
@@ -144,8 +148,12 @@ class Trainer:
     # -- state and requests (what extensions may call) ------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The loop's own counters (JSON); a checkpoint stores them under ``trainer``."""
-        return {"step": self.step, "samples": self.samples, "consecutive_skips": self.consecutive_skips,
-                "run_id": self.run_id}
+        return {
+            "step": self.step,
+            "samples": self.samples,
+            "consecutive_skips": self.consecutive_skips,
+            "run_id": self.run_id,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from :meth:`state_dict` output: the next step is ``state["step"]``."""
@@ -169,8 +177,9 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg), encoding="utf-8")
-        self.tracker = Tracker(self.cfg, self.run_dir, self.rank, run_id=self.run_id,
-                               resume_step=self.resumed_from_step)
+        self.tracker = Tracker(
+            self.cfg, self.run_dir, self.rank, run_id=self.run_id, resume_step=self.resumed_from_step
+        )
         if self.rank == 0:
             self.run_id = self.tracker.run_id
         holder = [self.run_id]
@@ -187,8 +196,14 @@ class Trainer:
         if self.rank == 0 and cfg.train.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
-                       file=sys.stderr, smoothing=0.1)
+            bar = tqdm(
+                total=self.total_steps,
+                initial=self.step,
+                desc="train",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                smoothing=0.1,
+            )
         t_start = time.perf_counter()
         train_time = 0.0
         samples_start = self.samples
@@ -209,16 +224,24 @@ class Trainer:
                     ext.after_step(self, metrics)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.3g}",
-                                    sps=f"{metrics['samples_per_s']:.0f}", refresh=False)
+                    bar.set_postfix(
+                        loss=f"{loss:.4f}",
+                        lr=f"{metrics['lr']:.3g}",
+                        sps=f"{metrics['samples_per_s']:.0f}",
+                        refresh=False,
+                    )
                 if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                     self.tracker.log(metrics, step=self.step)
                 if self.sampler.is_epoch_end(self.step - 1):
                     self.schedule.epoch_end()
                     for ext in self.extensions:
                         ext.after_epoch(self, self.sampler.epoch_of(self.step - 1))
-                if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < self.total_steps
-                        and self.task.eval_size > 0):
+                if (
+                    cfg.train.eval_every
+                    and self.step % cfg.train.eval_every == 0
+                    and self.step < self.total_steps
+                    and self.task.eval_size > 0
+                ):
                     eval_metrics = self.evaluate_and_log()
                     self.schedule.on_eval(eval_metrics["eval/loss"])
                 for ext in self.extensions:  # the step's boundary work is done: the exact-resume point
@@ -231,10 +254,16 @@ class Trainer:
             for ext in self.extensions:
                 ext.finish(self)
             wall = time.perf_counter() - t_start
-            summary = Summary(steps=self.step, samples=self.samples, skipped=self.opt.skipped_steps,
-                              train_loss=loss, eval=eval_metrics,
-                              samples_per_s=(self.samples - samples_start) / max(train_time, 1e-9), wall_s=wall,
-                              run_dir=str(self.run_dir.resolve()))
+            summary = Summary(
+                steps=self.step,
+                samples=self.samples,
+                skipped=self.opt.skipped_steps,
+                train_loss=loss,
+                eval=eval_metrics,
+                samples_per_s=(self.samples - samples_start) / max(train_time, 1e-9),
+                wall_s=wall,
+                run_dir=str(self.run_dir.resolve()),
+            )
             self._finish(summary)
             return summary
         finally:
@@ -243,11 +272,18 @@ class Trainer:
             if self.tracker is not None:
                 # W&B marks the run failed unless it ended normally (exit code as the CLI reports it)
                 err = sys.exc_info()[1]
-                code = EXIT_OK if err is None else err.exit_code if isinstance(err, StopRun | NonFiniteStorm) \
+                code = (
+                    EXIT_OK
+                    if err is None
+                    else err.exit_code
+                    if isinstance(err, StopRun | NonFiniteStorm)
                     else EXIT_FAIL
+                )
                 self.tracker.close(code)
             if summary is not None and self.rank == 0:
-                print("\n".join(["dist-opt summary:"] + ["  " + line for line in summary.lines()]), flush=True)
+                print(
+                    "\n".join(["dist-opt summary:"] + ["  " + line for line in summary.lines()]), flush=True
+                )
 
     # -- one step -------------------------------------------------------------------------------
     def _index_batches(self, start: int) -> Iterator[torch.Tensor]:
@@ -298,20 +334,29 @@ class Trainer:
         else:
             self.consecutive_skips += 1
             if self.consecutive_skips >= self.cfg.train.max_consecutive_skips:
-                raise NonFiniteStorm(f"{self.consecutive_skips} consecutive steps had a non-finite gradient "
-                                     f"(train.max_consecutive_skips); stopping at step {self.step}")
+                raise NonFiniteStorm(
+                    f"{self.consecutive_skips} consecutive steps had a non-finite gradient "
+                    f"(train.max_consecutive_skips); stopping at step {self.step}"
+                )
         dt = time.perf_counter() - t0
         return self._step_metrics(float(loss_sum[0] / loss_sum[1]), lr, applied, dt, t1 - t0)
 
-    def _step_metrics(self, loss: float, lr: float, applied: bool, dt: float, fwd_bwd: float) -> dict[str, Any]:
+    def _step_metrics(
+        self, loss: float, lr: float, applied: bool, dt: float, fwd_bwd: float
+    ) -> dict[str, Any]:
         st = self.opt.last_stats
         gb = self.cfg.data.global_batch
         metrics: dict[str, Any] = {
-            "loss": loss, "lr": lr, "grad_norm": st.get("grad_norm"),
-            "skipped": int(not applied), "skipped_total": self.opt.skipped_steps,
-            "samples": self.samples, "samples_per_s": gb / dt,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": st.get("grad_norm"),
+            "skipped": int(not applied),
+            "skipped_total": self.opt.skipped_steps,
+            "samples": self.samples,
+            "samples_per_s": gb / dt,
             "tokens_per_s": gb * self.task.tokens_per_sample / dt,
-            "time/step_ms": 1e3 * dt, "time/forward_backward_ms": 1e3 * fwd_bwd,
+            "time/step_ms": 1e3 * dt,
+            "time/forward_backward_ms": 1e3 * fwd_bwd,
         }
         for k, v in st.items():
             if k.startswith(("time/", "trust_ratio/", "shampoo/")) and isinstance(v, int | float | str):
@@ -348,8 +393,15 @@ class Trainer:
         if self.rank != 0:
             return
         torch.save(params, self.run_dir / "final_params.pt")
-        record = {"steps": summary.steps, "samples": summary.samples, "skipped": summary.skipped,
-                  "train_loss": summary.train_loss, **summary.eval, "samples_per_s": summary.samples_per_s,
-                  "wall_s": summary.wall_s, "world_size": self.world}
+        record = {
+            "steps": summary.steps,
+            "samples": summary.samples,
+            "skipped": summary.skipped,
+            "train_loss": summary.train_loss,
+            **summary.eval,
+            "samples_per_s": summary.samples_per_s,
+            "wall_s": summary.wall_s,
+            "world_size": self.world,
+        }
         self.tracker.summary(record)
         (self.run_dir / "summary.json").write_text(json.dumps(record, indent=1), encoding="utf-8")

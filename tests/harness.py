@@ -26,8 +26,13 @@ def _worker(rank: int, world: int, init_file: str, inbox, outbox) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=PG_TIMEOUT_S))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=PG_TIMEOUT_S),
+    )
     while True:
         item = inbox.get()
         if item is None:
@@ -52,8 +57,12 @@ class DistHarness:
         init_file = os.path.join(self._tmp.name, "rendezvous")
         self._inboxes = [ctx.Queue() for _ in range(self.world)]
         self._outbox = ctx.Queue()
-        self._procs = [ctx.Process(target=_worker, args=(r, self.world, init_file, self._inboxes[r], self._outbox),
-                                   daemon=True) for r in range(self.world)]
+        self._procs = [
+            ctx.Process(
+                target=_worker, args=(r, self.world, init_file, self._inboxes[r], self._outbox), daemon=True
+            )
+            for r in range(self.world)
+        ]
         for p in self._procs:
             p.start()
 
@@ -73,9 +82,11 @@ class DistHarness:
                 cid, rank, ok, value = self._outbox.get(timeout=self.call_timeout)
             except queue.Empty:
                 self.close()
-                raise TimeoutError(f"{fn.__name__}: no answer from ranks "
-                                   f"{sorted(set(range(self.world)) - set(results) - set(errors))} "
-                                   f"within {self.call_timeout}s; errors so far: {errors}") from None
+                raise TimeoutError(
+                    f"{fn.__name__}: no answer from ranks "
+                    f"{sorted(set(range(self.world)) - set(results) - set(errors))} "
+                    f"within {self.call_timeout}s; errors so far: {errors}"
+                ) from None
             if cid != call_id:
                 continue
             (results if ok else errors)[rank] = value

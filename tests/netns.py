@@ -58,12 +58,23 @@ def ensure_sshd() -> None:
     if os.path.exists(SSHD):
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "openssh-server"],
-                   check=False, capture_output=True, env=env, timeout=600)
+    subprocess.run(
+        ["apt-get", "install", "-y", "--no-install-recommends", "openssh-server"],
+        check=False,
+        capture_output=True,
+        env=env,
+        timeout=600,
+    )
     if not os.path.exists(SSHD):
         subprocess.run(["apt-get", "update"], check=False, capture_output=True, env=env, timeout=600)
-        done = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "openssh-server"],
-                              check=False, capture_output=True, text=True, env=env, timeout=600)
+        done = subprocess.run(
+            ["apt-get", "install", "-y", "--no-install-recommends", "openssh-server"],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         if not os.path.exists(SSHD):
             raise RuntimeError(f"could not install openssh-server: {done.stderr.strip()[-500:]}")
 
@@ -171,19 +182,26 @@ class Cluster:
             etc = Path("/etc/netns") / node.netns
             etc.mkdir(parents=True, exist_ok=True)
             (etc / "hosts").write_text(f"127.0.0.1 localhost\n{node.addr} {me}\n{names}")
-            (etc / "resolv.conf").write_text("# no name server inside the test namespace\noptions timeout:1 attempts:1\n")
+            (etc / "resolv.conf").write_text(
+                "# no name server inside the test namespace\noptions timeout:1 attempts:1\n"
+            )
 
     def _keys(self) -> None:
         w = self.workdir
         for name in ("host_ed25519", "id_ed25519"):
             for old in (w / name, w / f"{name}.pub"):
                 old.unlink(missing_ok=True)
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "dist-opt-test",
-                            "-f", str(w / name)], check=True, capture_output=True, timeout=30)
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "dist-opt-test", "-f", str(w / name)],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
         (w / "authorized_keys").write_text((w / "id_ed25519.pub").read_text())
         host_pub = (w / "host_ed25519.pub").read_text().split()
         (w / "known_hosts").write_text(
-            "".join(f"{node.addr} {host_pub[0]} {host_pub[1]}\n" for node in self.nodes))
+            "".join(f"{node.addr} {host_pub[0]} {host_pub[1]}\n" for node in self.nodes)
+        )
         self.ssh_config.write_text(
             "Host *\n"
             f"  User {getpass.getuser()}\n"
@@ -217,8 +235,11 @@ class Cluster:
         )
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # privilege-separation directory
         log = open(w / f"sshd_{i}.log", "wb")  # noqa: SIM115 - lives as long as the daemon
-        node.sshd = subprocess.Popen(["ip", "netns", "exec", node.netns, SSHD, "-D", "-e", "-f", str(cfg)],
-                                     stdout=log, stderr=subprocess.STDOUT)
+        node.sshd = subprocess.Popen(
+            ["ip", "netns", "exec", node.netns, SSHD, "-D", "-e", "-f", str(cfg)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
 
     def _wait_ssh(self, node: Node, timeout: float = 15.0) -> None:
@@ -241,8 +262,9 @@ class Cluster:
 
     def hostfile(self, slots: int = 1, extra: str = "") -> Path:
         path = self.workdir / "hostfile"
-        path.write_text("# dist-opt test cluster\n" + "".join(f"{n.addr} slots={slots}\n" for n in self.nodes)
-                        + extra)
+        path.write_text(
+            "# dist-opt test cluster\n" + "".join(f"{n.addr} slots={slots}\n" for n in self.nodes) + extra
+        )
         return path
 
     def close(self) -> None:
@@ -276,7 +298,7 @@ def _kill_netns_pids(netns: str) -> None:
 # (dist_opt.dist.env.detect + dist_opt.dist.group.init_process_group), all-reduces rank + 1,
 # and writes what it saw to OUT/rank<R>.json. PROBE_DIE_RANK makes one rank exit 3 at start,
 # PROBE_SLEEP makes every rank sleep first (for timeout tests).
-PROBE_SOURCE = '''
+PROBE_SOURCE = """
 import json, os, sys, time
 import torch
 import torch.distributed as dist
@@ -301,7 +323,7 @@ record = {
 with open(os.path.join(out, f"rank{env.rank}.json"), "w") as f:
     json.dump(record, f)
 destroy_process_group()
-'''
+"""
 
 
 def write_probe(directory: Path) -> Path:

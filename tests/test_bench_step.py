@@ -28,8 +28,9 @@ def _cells(line: str) -> list[str]:
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "step.md"
-    rows, info, text = step.run_cli(["--quick", "--only", ",".join(KEYS), "--warmup", "1", "--steps", "2",
-                                     "--out", str(out)])
+    rows, info, text = step.run_cli(
+        ["--quick", "--only", ",".join(KEYS), "--warmup", "1", "--steps", "2", "--out", str(out)]
+    )
     return rows, info, text, out
 
 
@@ -43,7 +44,7 @@ def test_results_table_is_well_formed(quick):
     header = _cells(lines[start])
     assert len(header) == step.TABLE_COLUMNS
     assert set(_cells(lines[start + 1])) == {"---"}
-    body = [_cells(line) for line in lines[start + 2:start + 2 + len(KEYS)]]
+    body = [_cells(line) for line in lines[start + 2 : start + 2 + len(KEYS)]]
     assert lines[start + 2 + len(KEYS)] == ""  # the table ends there
     labels = {c["key"]: c["label"] for c in step.CONFIGS}
     assert [r[0] for r in body] == [labels[k] for k in KEYS]
@@ -54,7 +55,7 @@ def test_results_table_is_well_formed(quick):
         assert re.fullmatch(r"\d+\.\d\d×", cells[2]), cells
         assert re.fullmatch(r"\d+(\.\d+)? (KiB|MiB|GiB)", cells[3]), cells
         assert re.fullmatch(r"\d+\.\d+ \((28|40)\)", cells[8]), cells
-    targets = text[text.index("## Targets"):text.index("## Details")]
+    targets = text[text.index("## Targets") : text.index("## Details")]
     assert re.search(r"^- (PASS|MISS): dist-opt adamw zero 2 step time", targets, re.M)
 
 

@@ -26,24 +26,55 @@ from dist_opt.config import ConfigError, load_config
 from dist_opt.extensions import Extension
 from dist_opt.train import Trainer
 
-BASE = ["task.name=synthetic", "task.dim=6", "task.hidden=10", "task.classes=4", "task.eval_size=64",
-        "data.global_batch=12", "train.steps=12", "train.progress=false", "tracking.wandb.mode=disabled",
-        "optimizer.weight_decay=0.01", "checkpoint.every_steps=4"]
+BASE = [
+    "task.name=synthetic",
+    "task.dim=6",
+    "task.hidden=10",
+    "task.classes=4",
+    "task.eval_size=64",
+    "data.global_batch=12",
+    "train.steps=12",
+    "train.progress=false",
+    "tracking.wandb.mode=disabled",
+    "optimizer.weight_decay=0.01",
+    "checkpoint.every_steps=4",
+]
 OPTS = {
     "adamw": ["optimizer.name=adamw", "optimizer.lr=0.01"],
     "lamb": ["optimizer.name=lamb", "optimizer.lr=0.01"],
-    "shampoo": ["optimizer.name=shampoo", "optimizer.lr=0.01", "optimizer.precondition_frequency=3",
-                "optimizer.max_preconditioner_dim=4"],
+    "shampoo": [
+        "optimizer.name=shampoo",
+        "optimizer.lr=0.01",
+        "optimizer.precondition_frequency=3",
+        "optimizer.max_preconditioner_dim=4",
+    ],
 }
 # SWA needs epochs (digits: 1437 training samples -> 29 steps of 48 per epoch) and BatchNorm
 # exercises the rank-local buffers
 # exercises the rank-local buffers; a plateau schedule with a strict threshold, evaluated at the epoch
 # ends where the checkpoints are, catches a checkpoint taken before the step's boundary work
-SWA = ["task.name=digits", "task.hidden=16", "task.batchnorm=true", "train.steps=null", "train.epochs=5",
-       "data.global_batch=48", "data.micro_batch=24", "checkpoint.every_steps=0", "checkpoint.every_epochs=1",
-       "checkpoint.keep=5", "swa.enabled=true", "swa.start_epoch=3", "swa.lr=0.02", "swa.anneal_epochs=1",
-       "optimizer.name=momentum", "optimizer.lr=0.05", "train.eval_every=29", "schedule.name=plateau",
-       "schedule.patience=0", "schedule.threshold=0.6"]
+SWA = [
+    "task.name=digits",
+    "task.hidden=16",
+    "task.batchnorm=true",
+    "train.steps=null",
+    "train.epochs=5",
+    "data.global_batch=48",
+    "data.micro_batch=24",
+    "checkpoint.every_steps=0",
+    "checkpoint.every_epochs=1",
+    "checkpoint.keep=5",
+    "swa.enabled=true",
+    "swa.start_epoch=3",
+    "swa.lr=0.02",
+    "swa.anneal_epochs=1",
+    "optimizer.name=momentum",
+    "optimizer.lr=0.05",
+    "train.eval_every=29",
+    "schedule.name=plateau",
+    "schedule.patience=0",
+    "schedule.threshold=0.6",
+]
 
 
 class Probe(Extension):
@@ -57,8 +88,12 @@ class Probe(Extension):
 
     @staticmethod
     def _grab(trainer: Trainer) -> dict:
-        return {"opt": trainer.opt.state_dict(), "step": trainer.step, "samples": trainer.samples,
-                "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}}
+        return {
+            "opt": trainer.opt.state_dict(),
+            "step": trainer.step,
+            "samples": trainer.samples,
+            "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+        }
 
     def setup(self, trainer: Trainer) -> None:
         self.loaded = self._grab(trainer)
@@ -81,8 +116,14 @@ class Stopper(Extension):
             trainer.stop_requested, trainer.stop_reason = True, "test stop"
 
 
-def fit(rank: int, world: int, out_dir: str, overrides: list[str], probe_at: int | None = None,
-        stop_at: int | None = None) -> dict:
+def fit(
+    rank: int,
+    world: int,
+    out_dir: str,
+    overrides: list[str],
+    probe_at: int | None = None,
+    stop_at: int | None = None,
+) -> dict:
     from dist_opt.train import StopRun
 
     cfg = load_config(None, [*BASE, f"run.out_dir={out_dir}", *overrides])
@@ -102,11 +143,17 @@ def fit(rank: int, world: int, out_dir: str, overrides: list[str], probe_at: int
             row = json.loads(line)
             if "loss" in row:
                 rows[row["step"]] = row
-    return {"params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
-            "losses": {k: r["loss"] for k, r in rows.items()},
-            "noise": {k: r["noise/b_simple"] for k, r in rows.items() if "noise/b_simple" in r},
-            "loaded": probe.loaded, "saved": probe.saved, "resumed": trainer.resumed_from_step,
-            "run_id": trainer.run_id, "step": trainer.step, "stopped": stopped}
+    return {
+        "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+        "losses": {k: r["loss"] for k, r in rows.items()},
+        "noise": {k: r["noise/b_simple"] for k, r in rows.items() if "noise/b_simple" in r},
+        "loaded": probe.loaded,
+        "saved": probe.saved,
+        "resumed": trainer.resumed_from_step,
+        "run_id": trainer.run_id,
+        "step": trainer.step,
+        "stopped": stopped,
+    }
 
 
 def in_process(fn, *args):
@@ -149,13 +196,14 @@ def test_resume_on_the_same_world_size_is_bitwise_exact(tmp_path, world2, opt):
     # every 4 steps (keep=3) / every epoch of 29 steps (keep=4); the last one at the end
     assert steps == ([29, 58, 87, 116, 145] if opt == "swa" else [4, 8, 12])
     # mid-run checkpoints; SWA: where the plateau schedule matters, and after the first average
-    for resume_at in ([29, 116] if opt == "swa" else [8]):
+    for resume_at in [29, 116] if opt == "swa" else [8]:
         out = tmp_path / f"resumed{resume_at}"
         res = world2.run(fit, str(out), [*ov, f"resume={step_folder(tmp_path / 'full', resume_at)}"])
         assert res[0]["resumed"] == resume_at
         for rank in range(2):
-            assert_same(res[rank]["params"], full[rank]["params"],
-                        f"from {resume_at}: rank {rank} final params")
+            assert_same(
+                res[rank]["params"], full[rank]["params"], f"from {resume_at}: rank {rank} final params"
+            )
         later = {s: v for s, v in full[0]["losses"].items() if s > resume_at}
         assert res[0]["losses"] == later  # every loss after the resume point, bit for bit
         # the noise-scale estimate continues its EMA
@@ -186,8 +234,9 @@ def test_reshard_2_to_1_and_3_state_equal_and_training_continues(tmp_path, world
     saved = src[0]["saved"]  # full optimizer state (gathered) and params after step 8
     assert_same_opt_state(src[1]["saved"]["opt"], saved["opt"], "ranks agree")
     one = in_process(fit, str(tmp_path / "w1"), [*ADAM, "data.micro_batch=12", f"resume={ckpt}"])
-    three = world3.run(fit, str(tmp_path / "w3"), [*ADAM, "data.micro_batch=2", "distributed.zero_stage=2",
-                                                   f"resume={ckpt}"])
+    three = world3.run(
+        fit, str(tmp_path / "w3"), [*ADAM, "data.micro_batch=2", "distributed.zero_stage=2", f"resume={ckpt}"]
+    )
     for label, res in [("2->1", one), *((f"2->3 rank {r}", three[r]) for r in range(3))]:
         loaded = res["loaded"]
         assert loaded["step"] == 8 and loaded["samples"] == 8 * 12, label
@@ -200,15 +249,25 @@ def test_reshard_2_to_1_and_3_state_equal_and_training_continues(tmp_path, world
 @pytest.mark.timeout(240)
 def test_reshard_1_to_2_from_replicated_state(tmp_path, world2):
     src = in_process(fit, str(tmp_path / "w1"), [*ADAM, "data.micro_batch=12"], 8)
-    res = world2.run(fit, str(tmp_path / "w2"), [*ADAM, "data.micro_batch=3", "distributed.zero_stage=2",
-                                                 f"resume={step_folder(tmp_path / 'w1', 8)}"])
+    res = world2.run(
+        fit,
+        str(tmp_path / "w2"),
+        [
+            *ADAM,
+            "data.micro_batch=3",
+            "distributed.zero_stage=2",
+            f"resume={step_folder(tmp_path / 'w1', 8)}",
+        ],
+    )
     for rank in range(2):
         assert_same(res[rank]["loaded"]["params"], src["saved"]["params"], f"rank {rank}: params after load")
-        assert_same_opt_state(res[rank]["loaded"]["opt"], src["saved"]["opt"],
-                              f"rank {rank}: state after load")
+        assert_same_opt_state(
+            res[rank]["loaded"]["opt"], src["saved"]["opt"], f"rank {rank}: state after load"
+        )
         for k, v in src["params"].items():
-            torch.testing.assert_close(res[rank]["params"][k], v, rtol=1e-5, atol=1e-6,
-                                       msg=f"rank {rank}: {k}")
+            torch.testing.assert_close(
+                res[rank]["params"][k], v, rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {k}"
+            )
 
 
 # -- async, keep ---------------------------------------------------------------------------------
@@ -221,14 +280,18 @@ def test_async_save_equals_sync_and_keeps_last_k(tmp_path, world2):
         assert [s for s, _ in store.list_step_dirs(store.checkpoints_dir(tmp_path / run))] == [10, 12]
         assert all(store.check(p).ok for _, p in store.list_step_dirs(store.checkpoints_dir(tmp_path / run)))
     for rank in range(2):
-        assert_same(asyn[rank]["params"], sync[rank]["params"],
-                    "saving in the background does not perturb training")
+        assert_same(
+            asyn[rank]["params"], sync[rank]["params"], "saving in the background does not perturb training"
+        )
     # the async checkpoint holds the same state as the sync one: resuming from either gives the same run
     a = world2.run(fit, str(tmp_path / "ra"), [*ov, f"resume={step_folder(tmp_path / 'async', 10)}"])
     s = world2.run(fit, str(tmp_path / "rs"), [*ov, f"resume={step_folder(tmp_path / 'sync', 10)}"])
     for rank in range(2):
-        assert_same(a[rank]["loaded"]["opt"]["state"]["fc1.weight"],
-                    s[rank]["loaded"]["opt"]["state"]["fc1.weight"], "async vs sync checkpoint")
+        assert_same(
+            a[rank]["loaded"]["opt"]["state"]["fc1.weight"],
+            s[rank]["loaded"]["opt"]["state"]["fc1.weight"],
+            "async vs sync checkpoint",
+        )
         assert_same(a[rank]["params"], sync[rank]["params"], "resumed from the async checkpoint")
 
 
@@ -253,8 +316,11 @@ def test_agreed_stop_saves_where_it_stopped_and_resumes_exactly(tmp_path, world2
 
 # -- refusals ------------------------------------------------------------------------------------
 def digests(run: Path) -> dict[str, str]:
-    return {str(p.relative_to(run)): store.crc32_file(p) for p in sorted(run.rglob("*")) if p.is_file()
-            and "checkpoints" in p.parts}
+    return {
+        str(p.relative_to(run)): store.crc32_file(p)
+        for p in sorted(run.rglob("*"))
+        if p.is_file() and "checkpoints" in p.parts
+    }
 
 
 def _expect_refusal(out_dir: Path, overrides: list[str]) -> str:
@@ -279,8 +345,9 @@ def test_refusals_leave_checkpoints_untouched(tmp_path):
     # another optimizer
     msg = _expect_refusal(run, [*OPTS["lamb"], "data.micro_batch=12", "resume=latest"])
     assert "optimizer.name: checkpoint has 'adamw', config has 'lamb'" in msg
-    msg = _expect_refusal(run, [*OPTS["adamw"], "optimizer.amsgrad=true", "data.micro_batch=12",
-                                "resume=latest"])
+    msg = _expect_refusal(
+        run, [*OPTS["adamw"], "optimizer.amsgrad=true", "data.micro_batch=12", "resume=latest"]
+    )
     assert "optimizer.amsgrad" in msg and "max_exp_avg_sq: missing from the checkpoint" in msg
     # a fresh run into the same folder would overwrite the checkpoints
     msg = _expect_refusal(run, [*OPTS["adamw"], "data.micro_batch=12"])
@@ -297,8 +364,11 @@ def test_refusals_leave_checkpoints_untouched(tmp_path):
     data.write_bytes(raw[:-100])
     msg = _expect_refusal(tmp_path / "other", [*OPTS["adamw"], "data.micro_batch=12", f"resume={ck}"])
     assert "__0_0.distcp has" in msg and "truncated" in msg
-    res = in_process(fit, str(tmp_path / "fallback"), [*OPTS["adamw"], "data.micro_batch=12", "train.steps=8",
-                                                        f"resume={run}"])
+    res = in_process(
+        fit,
+        str(tmp_path / "fallback"),
+        [*OPTS["adamw"], "data.micro_batch=12", "train.steps=8", f"resume={run}"],
+    )
     assert res["resumed"] == 4  # step-8 skipped, step-4 used
 
 
@@ -330,9 +400,16 @@ def test_bad_resume_path_exits_2_with_one_line(tmp_path, capfd):
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("{}\n")
-    code = main([str(cfg), *BASE, "distributed.nproc=1", "data.micro_batch=12",
-                 f"run.out_dir={tmp_path / 'r'}",
-                 f"resume={tmp_path / 'missing'}"])
+    code = main(
+        [
+            str(cfg),
+            *BASE,
+            "distributed.nproc=1",
+            "data.micro_batch=12",
+            f"run.out_dir={tmp_path / 'r'}",
+            f"resume={tmp_path / 'missing'}",
+        ]
+    )
     err = capfd.readouterr().err
     assert code == 2
     assert f"resume: '{tmp_path / 'missing'}' does not exist" in err
@@ -351,13 +428,31 @@ def test_torchrun_restarts_after_sigkill_mid_save_and_mid_run(tmp_path, world2):
     out = tmp_path / "elastic"
     cfg = tmp_path / "c.yaml"
     cfg.write_text("{}\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIST_OPT_TEST_KILL_IN_SAVE": "1:8:0",
-           "DIST_OPT_TEST_KILL_AT_STEP": "1:10:1", "LOGLEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DIST_OPT_TEST_KILL_IN_SAVE": "1:8:0",
+        "DIST_OPT_TEST_KILL_AT_STEP": "1:10:1",
+        "LOGLEVEL": "WARNING",
+    }
     # (torchrun keeps one store across restart rounds; dist_opt/dist/group.py prefixes it per attempt)
     # a short distributed.timeout_s: the surviving rank notices its dead peer within seconds
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "--max-restarts=2", "--module", "dist_opt.train", str(cfg), *BASE, *ov, f"run.out_dir={out}",
-           "resume=latest", "distributed.timeout_s=10"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "--max-restarts=2",
+        "--module",
+        "dist_opt.train",
+        str(cfg),
+        *BASE,
+        *ov,
+        f"run.out_dir={out}",
+        "resume=latest",
+        "distributed.timeout_s=10",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     err = proc.stderr
@@ -398,12 +493,18 @@ class RankState(Extension):
         c = -(-5 // t.world)
         lo, hi = min(t.rank * c, 5), min((t.rank + 1) * c, 5)
         full = torch.arange(5.0) + 100 * t.step
-        return {"mine": torch.full((2,), float(t.rank)), "step": t.step,
-                "piece": shard_piece(full[lo:hi], 5, self.mesh)}
+        return {
+            "mine": torch.full((2,), float(t.rank)),
+            "step": t.step,
+            "piece": shard_piece(full[lo:hi], 5, self.mesh),
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.loaded = {"mine": state["mine"].clone(), "step": state["step"],
-                       "piece": state["piece"].to_local().clone()}
+        self.loaded = {
+            "mine": state["mine"].clone(),
+            "step": state["step"],
+            "piece": state["piece"].to_local().clone(),
+        }
 
 
 def fit_rankstate(rank: int, world: int, out_dir: str, overrides: list[str], per_rank: bool) -> dict:
@@ -428,13 +529,12 @@ def test_extension_state_per_rank_sharded_or_refused(tmp_path, world2, world3):
         src = r if r < 2 else 0  # ranks beyond the saved world size take rank 0's per-rank state
         assert torch.equal(got["mine"], torch.full((2,), float(src))) and got["step"] == 2
         c = -(-5 // world)  # the DTensor piece is resharded to this rank's range
-        assert torch.equal(got["piece"], (torch.arange(5.0) + 200)[min(r * c, 5):min((r + 1) * c, 5)])
+        assert torch.equal(got["piece"], (torch.arange(5.0) + 200)[min(r * c, 5) : min((r + 1) * c, 5)])
     # rank-dependent values declared replicated would be silently deduplicated by DCP: refused at save
     # (last: the failed call restarts the harness)
     with pytest.raises(RuntimeError, match="extension state differs between ranks: shared/ext/rankstate/m"):
         world2.run(fit_rankstate, str(tmp_path / "bad"), ov, False)
     assert not store.check(step_folder(tmp_path / "bad", 2)).ok  # no marker: not a checkpoint
-
 
 
 @pytest.fixture(autouse=True)

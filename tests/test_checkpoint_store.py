@@ -26,8 +26,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:Us
 # -- codec ---------------------------------------------------------------------------------------
 def test_codec_round_trip_keeps_types_and_exact_values():
     t1, t2 = torch.randn(3), torch.arange(4)
-    state = {"a": (1, 2.5, None), 3: [True, "x", float("inf")], "$odd": {"w": t1},
-             "n": {"deep": [t2, 0.1 + 0.2]}, (1, 2): "tuple key", "nan": float("nan")}
+    state = {
+        "a": (1, 2.5, None),
+        3: [True, "x", float("inf")],
+        "$odd": {"w": t1},
+        "n": {"deep": [t2, 0.1 + 0.2]},
+        (1, 2): "tuple key",
+        "nan": float("nan"),
+    }
     store_: dict[str, torch.Tensor] = {}
 
     def put(key, t):
@@ -56,10 +62,14 @@ def fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
     """A real (single-process) DCP checkpoint folder with a manifest and marker."""
     folder = store.step_dir(root, step)
     store.prepare(folder)
-    dcp.save({"w": torch.full((64,), float(step))}, storage_writer=dcp.FileSystemWriter(str(folder)),
-             no_dist=True)
-    files = {p.name: store.digest(p) for p in folder.iterdir()
-             if p.name.endswith(".distcp") or p.name == ".metadata"}
+    dcp.save(
+        {"w": torch.full((64,), float(step))}, storage_writer=dcp.FileSystemWriter(str(folder)), no_dist=True
+    )
+    files = {
+        p.name: store.digest(p)
+        for p in folder.iterdir()
+        if p.name.endswith(".distcp") or p.name == ".metadata"
+    }
     manifest = {"format": store.FORMAT, "version": store.VERSION, "step": step, "files": files}
     if complete:
         store.finalize(folder, manifest)

@@ -8,9 +8,14 @@ import yaml
 from dist_opt.config import ConfigError, dump_yaml, load_config
 from dist_opt.train import main as train_main
 
-GOOD = {"run": {"out_dir": "OUT"}, "task": {"name": "synthetic", "dim": 4, "hidden": 8},
-        "data": {"global_batch": 8, "micro_batch": 4}, "train": {"steps": 2, "progress": False},
-        "distributed": {"nproc": 1}, "tracking": {"wandb": {"mode": "disabled"}}}
+GOOD = {
+    "run": {"out_dir": "OUT"},
+    "task": {"name": "synthetic", "dim": 4, "hidden": 8},
+    "data": {"global_batch": 8, "micro_batch": 4},
+    "train": {"steps": 2, "progress": False},
+    "distributed": {"nproc": 1},
+    "tracking": {"wandb": {"mode": "disabled"}},
+}
 
 
 def write(tmp_path: Path, tree: dict | str) -> tuple[Path, Path]:
@@ -28,15 +33,34 @@ CASES = [
     ({"data": {"micro_batch": 0}}, [], "data.micro_batch: Input should be greater than 0"),
     ({}, ["optimizer.lr=nan"], "optimizer.lr: Input should be a finite number"),
     ({}, ["optimizer.name=adamww"], "optimizer.name: unknown optimizer; expected one of: sgd, momentum"),
-    ({}, ["optimizer.name=momentum", "optimizer.nesterov=true"],
-     "optimizer.nesterov: does not apply to optimizer.name=momentum; for Nesterov momentum set optimizer.name=nesterov"),
-    ({"optimizer": {"name": "adam", "momentum": 0.9}}, [], "optimizer.momentum: does not apply to optimizer.name=adam"),
-    ({"optimizer": {"name": "sgd"}}, ["optimizer.dampening=0.5"], "optimizer.dampening: does not apply to optimizer"),
+    (
+        {},
+        ["optimizer.name=momentum", "optimizer.nesterov=true"],
+        "optimizer.nesterov: does not apply to optimizer.name=momentum; for Nesterov momentum set optimizer.name=nesterov",
+    ),
+    (
+        {"optimizer": {"name": "adam", "momentum": 0.9}},
+        [],
+        "optimizer.momentum: does not apply to optimizer.name=adam",
+    ),
+    (
+        {"optimizer": {"name": "sgd"}},
+        ["optimizer.dampening=0.5"],
+        "optimizer.dampening: does not apply to optimizer",
+    ),
     ({}, ["task.name=imagenet"], "task.name: Input should be"),
     ({}, ["data.global_batch=10", "data.micro_batch=4"], "data.global_batch: 10 is not divisible"),
-    ({}, ["distributed.nproc=3"], "data.global_batch: 8 is not divisible by data.micro_batch x world size = 4 x 3"),
+    (
+        {},
+        ["distributed.nproc=3"],
+        "data.global_batch: 8 is not divisible by data.micro_batch x world size = 4 x 3",
+    ),
     ({}, ["train"], "override 'train': expected dotted.key=value"),
-    ({}, ["schedule.name=noam", "schedule.warmup_steps=-1"], "schedule.warmup_steps: Input should be greater"),
+    (
+        {},
+        ["schedule.name=noam", "schedule.warmup_steps=-1"],
+        "schedule.warmup_steps: Input should be greater",
+    ),
 ]
 
 
@@ -82,7 +106,9 @@ def test_several_problems_one_line_each(tmp_path):
 
 def test_print_config_round_trips(tmp_path, capsys):
     path, out = write(tmp_path, GOOD)
-    assert train_main([str(path), "optimizer.name=lamb", "optimizer.betas=[0.9, 0.99]", "--print-config"]) == 0
+    assert (
+        train_main([str(path), "optimizer.name=lamb", "optimizer.betas=[0.9, 0.99]", "--print-config"]) == 0
+    )
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["optimizer"]["name"] == "lamb" and printed["optimizer"]["betas"] == [0.9, 0.99]
     again = load_config(None, [])
@@ -112,6 +138,7 @@ def test_schema_documents_every_field():
                 yield from walk(ann, f"{prefix}{name}.")
             elif model is not Config:
                 yield f"{prefix}{name}", f.description
+
     missing = [k for k, d in walk(Config) if not d]
     assert not missing, f"config keys without a docstring: {missing}"
 
@@ -148,7 +175,9 @@ def test_applicable_keys_reach_the_rule_and_nothing_else_is_passed():
         rule_from_config(cfg.optimizer)
     rule = rule_from_config(load_config(None, ["optimizer.name=rmsprop", "optimizer.alpha=0.5"]).optimizer)
     assert rule.alpha == 0.5 and rule.eps == 1e-8
-    rule = rule_from_config(load_config(None, ["optimizer.name=nesterov", "optimizer.momentum=0.8"]).optimizer)
+    rule = rule_from_config(
+        load_config(None, ["optimizer.name=nesterov", "optimizer.momentum=0.8"]).optimizer
+    )
     assert rule.nesterov is True and rule.momentum == 0.8
 
 
@@ -162,11 +191,27 @@ def test_dumped_config_loads_again_for_every_optimizer(tmp_path, name):
 
 #: a valid value other than the default for every optimizer key
 NON_DEFAULT = {
-    "momentum": "0.5", "dampening": "0.5", "betas": "[0.5, 0.5]", "eps": "0.5", "alpha": "0.5", "centered": "true",
-    "lr_decay": "0.5", "initial_accumulator_value": "0.5", "amsgrad": "true", "bias_correction": "false",
-    "trust_coefficient": "0.5", "lars_denominator": "tf", "trust_clip": "[0, 5]", "max_preconditioner_dim": "8",
-    "precondition_frequency": "3", "start_preconditioning_step": "3", "exponent_override": "0.5",
-    "grafting": "sgd", "grafting_beta2": "0.5", "grafting_eps": "0.5", "preconditioner_dtype": "float64",
+    "momentum": "0.5",
+    "dampening": "0.5",
+    "betas": "[0.5, 0.5]",
+    "eps": "0.5",
+    "alpha": "0.5",
+    "centered": "true",
+    "lr_decay": "0.5",
+    "initial_accumulator_value": "0.5",
+    "amsgrad": "true",
+    "bias_correction": "false",
+    "trust_coefficient": "0.5",
+    "lars_denominator": "tf",
+    "trust_clip": "[0, 5]",
+    "max_preconditioner_dim": "8",
+    "precondition_frequency": "3",
+    "start_preconditioning_step": "3",
+    "exponent_override": "0.5",
+    "grafting": "sgd",
+    "grafting_beta2": "0.5",
+    "grafting_eps": "0.5",
+    "preconditioner_dtype": "float64",
     "nesterov": "true",
 }
 

@@ -33,8 +33,12 @@ def linear() -> nn.Module:
 
 def make(workers: int = 0, seed: int = 0, **kw) -> DatasetTask:
     task = DatasetTask(linear, data(), data(40, seed=1), **kw)
-    task.configure_loader(DataConfig(num_workers=workers, persistent_workers=workers > 0,
-                                     prefetch_factor=3 if workers else None), seed)
+    task.configure_loader(
+        DataConfig(
+            num_workers=workers, persistent_workers=workers > 0, prefetch_factor=3 if workers else None
+        ),
+        seed,
+    )
     return task
 
 
@@ -73,8 +77,10 @@ def test_every_world_size_and_accumulation_reads_the_same_global_batches():
 
     def global_batches(world: int, accum: int) -> list[torch.Tensor]:
         micro = 24 // (world * accum)
-        per_rank = [list(task.train_batches(micro_indices(sampler, range(6), r, world, micro, accum)))
-                    for r in range(world)]
+        per_rank = [
+            list(task.train_batches(micro_indices(sampler, range(6), r, world, micro, accum)))
+            for r in range(world)
+        ]
         out = []
         for t in range(6):  # reassemble by position: micro-step k of rank r holds rows (k*W + r)*m ...
             rows = [per_rank[r][t * accum + k][0] for k in range(accum) for r in range(world)]
@@ -189,7 +195,9 @@ def test_custom_loss_metrics_and_several_inputs():
     assert len(batch) == 3
     assert torch.allclose(task.loss(model, batch), F.mse_loss(model(x, z), y))
     sums = task.eval_sums(model, batch)
-    assert sums["count"] == 30 and sums["loss_sum"] == pytest.approx(30 * F.mse_loss(model(x, z), y).item(), rel=1e-5)
+    assert sums["count"] == 30 and sums["loss_sum"] == pytest.approx(
+        30 * F.mse_loss(model(x, z), y).item(), rel=1e-5
+    )
 
     def abs_sums(out, target):
         return {"loss_sum": (out - target).abs().sum(), "count": len(target)}
@@ -231,7 +239,8 @@ def test_class_scores_in_dim_1_follow_torch_layout():
     assert torch.allclose(task.loss(model, (x, y)), F.cross_entropy(model(x), y))
     sums = task.eval_sums(model, (x, y))
     assert sums["count"] == 72 and sums["loss_sum"] == pytest.approx(
-        F.cross_entropy(model(x), y, reduction="sum").item(), rel=1e-5)
+        F.cross_entropy(model(x), y, reduction="sum").item(), rel=1e-5
+    )
     from dist_opt.tasks import DatasetTask as exported
 
     assert exported is DatasetTask
@@ -291,14 +300,19 @@ def test_an_iterable_dataset_is_refused_with_the_reason_and_the_fix():
     with pytest.raises(TypeError) as e:
         DatasetTask(linear, Stream())
     text = one_line(e)
-    assert "IterableDataset" in text and "by index" in text and "resumes exactly" in text and "map-style" in text
+    assert (
+        "IterableDataset" in text and "by index" in text and "resumes exactly" in text and "map-style" in text
+    )
 
 
-@pytest.mark.parametrize("item, message", [
-    (lambda i: torch.zeros(DIM), r"train sample 0: expected an \(input, target\) tuple, got a Tensor"),
-    (lambda i: (object(), 1), r"train sample 0: element 0 is a object, which cannot be batched"),
-    (lambda i: (torch.zeros(DIM),), r"train sample 0: expected an \(input, target\) tuple"),
-])
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        (lambda i: torch.zeros(DIM), r"train sample 0: expected an \(input, target\) tuple, got a Tensor"),
+        (lambda i: (object(), 1), r"train sample 0: element 0 is a object, which cannot be batched"),
+        (lambda i: (torch.zeros(DIM),), r"train sample 0: expected an \(input, target\) tuple"),
+    ],
+)
 def test_a_bad_first_sample_is_named_at_construction(item, message):
     with pytest.raises(SampleError, match=message) as e:
         DatasetTask(linear, Items(item))
@@ -352,8 +366,15 @@ def test_an_error_inside_the_dataset_keeps_its_traceback_and_names_the_sample():
 def test_loader_keys_in_the_config():
     from dist_opt.config import ConfigError, load_config
 
-    d = load_config(None, ["data.num_workers=2", "data.prefetch_factor=4", "data.persistent_workers=true",
-                           "data.pin_memory=true"]).data
+    d = load_config(
+        None,
+        [
+            "data.num_workers=2",
+            "data.prefetch_factor=4",
+            "data.persistent_workers=true",
+            "data.pin_memory=true",
+        ],
+    ).data
     assert (d.num_workers, d.prefetch_factor, d.persistent_workers, d.pin_memory) == (2, 4, True, True)
     assert load_config(None).data.num_workers == 0
     for key in ("prefetch_factor=2", "persistent_workers=true"):

@@ -17,8 +17,17 @@ from dist_opt.engine.sharded import ShardedOptimizer
 STEPS = 30
 GLOBAL_BATCH = 12
 WD = 0.01
-LR = {"sgd": 0.1, "momentum": 0.05, "nesterov": 0.05, "adagrad": 0.05, "rmsprop": 0.003, "adam": 0.01,
-      "adamw": 0.01, "lars": 0.2, "lamb": 0.01}
+LR = {
+    "sgd": 0.1,
+    "momentum": 0.05,
+    "nesterov": 0.05,
+    "adagrad": 0.05,
+    "rmsprop": 0.003,
+    "adam": 0.01,
+    "adamw": 0.01,
+    "lars": 0.2,
+    "lamb": 0.01,
+}
 OPTIMIZERS = list(LR)
 # (world, accumulation) pairs: micro batch = 12 / (world * accumulation)
 SHAPES = {1: [(1, 1), (1, 3)], 2: [(2, 1), (2, 2)], 3: [(3, 1), (3, 2)]}
@@ -26,7 +35,9 @@ SHAPES = {1: [(1, 1), (1, 3)], 2: [(2, 1), (2, 2)], 3: [(3, 1), (3, 2)]}
 
 def make_model() -> nn.Module:
     g = torch.Generator().manual_seed(0)
-    m = nn.Sequential(OrderedDict(fc1=nn.Linear(7, 13), ln=nn.LayerNorm(13), act=nn.Tanh(), fc2=nn.Linear(13, 5)))
+    m = nn.Sequential(
+        OrderedDict(fc1=nn.Linear(7, 13), ln=nn.LayerNorm(13), act=nn.Tanh(), fc2=nn.Linear(13, 5))
+    )
     with torch.no_grad():
         for name, p in m.named_parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.4 + (1.0 if name == "ln.weight" else 0.0))
@@ -41,14 +52,20 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train_sharded(rank: int, world: int, name: str, stage: int, accum: int) -> list[torch.Tensor]:
     model = make_model()
-    opt = ShardedOptimizer(model.named_parameters(), name, lr=LR[name], weight_decay=WD, zero_stage=stage,
-                           bucket_mb=200 * 4 / 2**20)  # tiny buckets: several per step
+    opt = ShardedOptimizer(
+        model.named_parameters(),
+        name,
+        lr=LR[name],
+        weight_decay=WD,
+        zero_stage=stage,
+        bucket_mb=200 * 4 / 2**20,
+    )  # tiny buckets: several per step
     micro = GLOBAL_BATCH // (world * accum)
     for step in range(STEPS):
         x, y = batch(step)
         for k in range(accum):
             lo = (k * world + rank) * micro
-            loss = nn.functional.mse_loss(model(x[lo:lo + micro]), y[lo:lo + micro])
+            loss = nn.functional.mse_loss(model(x[lo : lo + micro]), y[lo : lo + micro])
             if k < accum - 1:
                 with opt.no_sync():
                     loss.backward()
@@ -120,9 +137,13 @@ def test_sharded_equals_single_process(results, name, stage, world):
         for rank, res in enumerate(per_rank):
             got = res[(name, stage, accum)]
             for i, (a, b) in enumerate(zip(got, ref, strict=True)):
-                torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6,
-                                           msg=lambda m, i=i, rank=rank, accum=accum: f"param {i} rank {rank} "
-                                           f"accum {accum}: {m}")
+                torch.testing.assert_close(
+                    a,
+                    b,
+                    rtol=2e-5,
+                    atol=2e-6,
+                    msg=lambda m, i=i, rank=rank, accum=accum: f"param {i} rank {rank} accum {accum}: {m}",
+                )
         if world > 1:  # every rank ends the step with identical full parameters
             for res in per_rank[1:]:
                 for a, b in zip(res[(name, stage, accum)], per_rank[0][(name, stage, accum)], strict=True):

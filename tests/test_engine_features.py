@@ -18,13 +18,27 @@ from dist_opt.optim.base import GroupShard, local_context
 from dist_opt.optim.registry import build_rule
 
 
-def one_tensor_step(rule_name: str, p: torch.Tensor, g: torch.Tensor, lr: float = 1.0, wd: float = 0.0,
-                    trust: bool = True, steps: int = 1, **hp):
+def one_tensor_step(
+    rule_name: str,
+    p: torch.Tensor,
+    g: torch.Tensor,
+    lr: float = 1.0,
+    wd: float = 0.0,
+    trust: bool = True,
+    steps: int = 1,
+    **hp,
+):
     rule = build_rule(rule_name, **hp)
     state = rule.init_state([p])
     for t in range(1, steps + 1):
-        grp = GroupShard(hp={"lr": lr, "weight_decay": wd, "trust": trust}, layers=[0], params=[p], grads=[g],
-                         state=state, shapes=[tuple(p.shape)])
+        grp = GroupShard(
+            hp={"lr": lr, "weight_decay": wd, "trust": trust},
+            layers=[0],
+            params=[p],
+            grads=[g],
+            state=state,
+            shapes=[tuple(p.shape)],
+        )
         ctx = local_context(t, 1)
         rule.step([grp], ctx)
     return state, ctx
@@ -112,19 +126,26 @@ def test_lars_tf_denominator_option():
 # --- multi-rank behaviour ------------------------------------------------------------------------
 def _model_opt(name: str, stage: int, **kw):
     model = make_model()
-    opt = ShardedOptimizer(model.named_parameters(), name, lr=kw.pop("lr", 0.01), weight_decay=0.01,
-                           zero_stage=stage, bucket_mb=60 * 4 / 2**20, **kw)
+    opt = ShardedOptimizer(
+        model.named_parameters(),
+        name,
+        lr=kw.pop("lr", 0.01),
+        weight_decay=0.01,
+        zero_stage=stage,
+        bucket_mb=60 * 4 / 2**20,
+        **kw,
+    )
     return model, opt
 
 
 def _backward(model, rank: int, world: int, step: int, poison: bool = False):
     x, y = batch(step)
     m = x.shape[0] // world
-    xs = x[rank * m:(rank + 1) * m]
+    xs = x[rank * m : (rank + 1) * m]
     if poison:
         xs = xs.clone()
         xs[0, 0] = float("nan")
-    nn.functional.mse_loss(model(xs), y[rank * m:(rank + 1) * m]).backward()
+    nn.functional.mse_loss(model(xs), y[rank * m : (rank + 1) * m]).backward()
 
 
 def nonfinite_skip(rank: int, world: int, stage: int):
@@ -140,7 +161,14 @@ def nonfinite_skip(rank: int, world: int, stage: int):
     _backward(model, rank, world, 2)
     applied_after = opt.step()
     finite = all(torch.isfinite(p).all() for p in model.parameters())
-    return applied, same, opt.skipped_steps, applied_after, finite, [p.detach().clone() for p in model.parameters()]
+    return (
+        applied,
+        same,
+        opt.skipped_steps,
+        applied_after,
+        finite,
+        [p.detach().clone() for p in model.parameters()],
+    )
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
@@ -166,8 +194,13 @@ def test_clipping_uses_the_norm_of_the_reduced_gradient(world2, stage):
     model = make_model()
     params = list(model.parameters())
     decay = [p for p in params if p.ndim > 1]
-    ref = torch.optim.SGD([{"params": decay, "weight_decay": 0.01},
-                           {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}], lr=0.5)
+    ref = torch.optim.SGD(
+        [
+            {"params": decay, "weight_decay": 0.01},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ],
+        lr=0.5,
+    )
     for step in range(3):
         x, y = batch(step)
         ref.zero_grad()
@@ -189,8 +222,15 @@ def comm_profile(rank: int, world: int, name: str, stage: int):
     _backward(model, rank, world, 1)  # grad comm of the next step happens in backward
     pre = copy.deepcopy(opt.comm.ledger)
     ratios = opt.last_stats.get("trust_ratios")
-    return dict(ledger.calls), dict(pre.calls), dict(pre.bytes), len(opt.layout.buckets), ratios, \
-        sum(p.numel() for p in model.parameters()), opt.layout.full_numel
+    return (
+        dict(ledger.calls),
+        dict(pre.calls),
+        dict(pre.bytes),
+        len(opt.layout.buckets),
+        ratios,
+        sum(p.numel() for p in model.parameters()),
+        opt.layout.full_numel,
+    )
 
 
 @pytest.mark.parametrize("name, expected_step_all_reduces", [("lamb", 2), ("lars", 2), ("adamw", 1)])

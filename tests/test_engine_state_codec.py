@@ -99,7 +99,9 @@ def test_public_state_api_in_one_process():
     # owned pieces are views of the live parameters, and gathering pieces sets the parameters
     views = opt.owned_params()
     assert opt.owned_specs() == specs
-    assert all(v.data_ptr() == p.data_ptr() for v, p in zip(views, reversed(list(model.parameters())), strict=True))
+    assert all(
+        v.data_ptr() == p.data_ptr() for v, p in zip(views, reversed(list(model.parameters())), strict=True)
+    )
     opt.gather_params([torch.full_like(v, 2.0) for v in views])
     assert all(bool((p == 2.0).all()) for p in model.parameters())
 
@@ -119,8 +121,13 @@ def _distributed_api(rank: int, world: int, stage: int) -> dict:
     with torch.no_grad():  # back to the trained weights, from this rank's owned views
         opt.gather_params([params[s.name].view(-1)[s.offset : s.end] for s in owned])
     restored = all(torch.equal(p, params[n]) for n, p in model.named_parameters())
-    return {"shards": [s.shards for s in specs], "owned": [(s.offset, s.valid, s.shards) for s in owned],
-            "numel": {s.name: s.numel for s in owned}, "after": after, "restored": restored}
+    return {
+        "shards": [s.shards for s in specs],
+        "owned": [(s.offset, s.valid, s.shards) for s in owned],
+        "numel": {s.name: s.numel for s in owned},
+        "after": after,
+        "restored": restored,
+    }
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])

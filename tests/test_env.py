@@ -7,15 +7,29 @@ from dist_opt.dist.slurm import expand_nodelist
 
 
 def test_torchrun_env():
-    e = detect({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
-                "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"})
+    e = detect(
+        {
+            "RANK": "3",
+            "LOCAL_RANK": "1",
+            "WORLD_SIZE": "4",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "10.0.0.1",
+            "MASTER_PORT": "29500",
+        }
+    )
     assert (e.launcher, e.rank, e.local_rank, e.world_size, e.local_world_size) == ("torchrun", 3, 1, 4, 2)
     assert (e.master_addr, e.master_port) == ("10.0.0.1", 29500)
 
 
 def test_open_mpi_env():
-    e = detect({"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
-                "OMPI_COMM_WORLD_LOCAL_SIZE": "4"})
+    e = detect(
+        {
+            "OMPI_COMM_WORLD_RANK": "5",
+            "OMPI_COMM_WORLD_SIZE": "8",
+            "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
+        }
+    )
     assert (e.launcher, e.rank, e.local_rank, e.world_size, e.local_world_size) == ("mpi", 5, 1, 8, 4)
     assert e.master_addr is None
 
@@ -26,7 +40,9 @@ def test_pmi_env():
 
 
 def test_slurm_env():
-    e = detect({"SLURM_PROCID": "7", "SLURM_NTASKS": "8", "SLURM_LOCALID": "3", "SLURM_NTASKS_PER_NODE": "4(x2)"})
+    e = detect(
+        {"SLURM_PROCID": "7", "SLURM_NTASKS": "8", "SLURM_LOCALID": "3", "SLURM_NTASKS_PER_NODE": "4(x2)"}
+    )
     assert (e.launcher, e.rank, e.local_rank, e.world_size, e.local_world_size) == ("slurm", 7, 3, 8, 4)
 
 
@@ -44,18 +60,23 @@ def test_no_launcher():
     assert (e.launcher, e.rank, e.world_size, e.is_launched) == ("none", 0, 1, False)
 
 
-@pytest.mark.parametrize("env, needle", [
-    ({"RANK": "0", "LOCAL_RANK": "0"}, "WORLD_SIZE missing"),
-    ({"WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK missing"),
-    ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK=2 is not below WORLD_SIZE=2"),
-    ({"RANK": "x", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK='x': expected an integer"),
-    ({"RANK": "0", "WORLD_SIZE": "0", "LOCAL_RANK": "0"}, "WORLD_SIZE=0: expected >= 1"),
-    ({"RANK": "0", "WORLD_SIZE": "2"}, "LOCAL_RANK missing"),
-    ({"OMPI_COMM_WORLD_RANK": "1"}, "OMPI_COMM_WORLD_SIZE missing"),
-    ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_PORT": "70000"}, "MASTER_PORT=70000"),
-    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "5", "SLURM_NTASKS_PER_NODE": "2"},
-     "local rank 5 is not below"),
-])
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        ({"RANK": "0", "LOCAL_RANK": "0"}, "WORLD_SIZE missing"),
+        ({"WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK missing"),
+        ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK=2 is not below WORLD_SIZE=2"),
+        ({"RANK": "x", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK='x': expected an integer"),
+        ({"RANK": "0", "WORLD_SIZE": "0", "LOCAL_RANK": "0"}, "WORLD_SIZE=0: expected >= 1"),
+        ({"RANK": "0", "WORLD_SIZE": "2"}, "LOCAL_RANK missing"),
+        ({"OMPI_COMM_WORLD_RANK": "1"}, "OMPI_COMM_WORLD_SIZE missing"),
+        ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_PORT": "70000"}, "MASTER_PORT=70000"),
+        (
+            {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "5", "SLURM_NTASKS_PER_NODE": "2"},
+            "local rank 5 is not below",
+        ),
+    ],
+)
 def test_bad_launcher_env_is_a_clear_error(env, needle):
     with pytest.raises(LaunchEnvError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         detect(env)

@@ -19,8 +19,13 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "LOGLEVEL": "WARNING", "PYTHONPATH": str(ROOT),
-            "WANDB_MODE": "offline"}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "LOGLEVEL": "WARNING",
+        "PYTHONPATH": str(ROOT),
+        "WANDB_MODE": "offline",
+    }
 
 
 def _summary(run: Path) -> dict:
@@ -30,11 +35,27 @@ def _summary(run: Path) -> dict:
 @pytest.mark.timeout(300)
 def test_cnn_digits_example_trains_with_lars_warmup_and_swa(tmp_path):
     run = tmp_path / "cnn"
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "cnn_digits.py"), f"run.out_dir={run}", "train.epochs=3",
-                           "swa.start_epoch=2", "train.eval_every=0", "checkpoint.every_steps=0",
-                           "schedule.warmup_steps=4", "data.num_workers=1", "data.global_batch=64",
-                           "data.micro_batch=32", "optimizer.lr=1.0"],
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=280)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "cnn_digits.py"),
+            f"run.out_dir={run}",
+            "train.epochs=3",
+            "swa.start_epoch=2",
+            "train.eval_every=0",
+            "checkpoint.every_steps=0",
+            "schedule.warmup_steps=4",
+            "data.num_workers=1",
+            "data.global_batch=64",
+            "data.micro_batch=32",
+            "optimizer.lr=1.0",
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = _summary(run)
     assert s["world_size"] == 2 and s["steps"] == 3 * (1500 // 64)
@@ -46,11 +67,27 @@ def test_cnn_digits_example_trains_with_lars_warmup_and_swa(tmp_path):
 @pytest.mark.timeout(300)
 def test_gpt_example_named_by_import_path_trains_with_lamb_zero2(tmp_path):
     run = tmp_path / "gpt"
-    proc = subprocess.run([sys.executable, "-m", "dist_opt", "train", "config.yaml", f"run.out_dir={run}",
-                           "train.steps=6", "train.eval_every=0", "train.progress=false",
-                           "task.options={seq_len: 32, d_model: 32, n_layers: 1, n_heads: 2, max_files: 20}",
-                           "data.global_batch=16", "data.micro_batch=8"],
-                          cwd=EXAMPLES / "gpt_stdlib", env=_env(), capture_output=True, text=True, timeout=280)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dist_opt",
+            "train",
+            "config.yaml",
+            f"run.out_dir={run}",
+            "train.steps=6",
+            "train.eval_every=0",
+            "train.progress=false",
+            "task.options={seq_len: 32, d_model: 32, n_layers: 1, n_heads: 2, max_files: 20}",
+            "data.global_batch=16",
+            "data.micro_batch=8",
+        ],
+        cwd=EXAMPLES / "gpt_stdlib",
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = (run / "config.yaml").read_text()
     assert "tiny_gpt:TinyGPTTask" in cfg and "zero_stage: 2" in cfg and "name: lamb" in cfg
@@ -60,15 +97,24 @@ def test_gpt_example_named_by_import_path_trains_with_lamb_zero2(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_converted_plain_script_runs_and_the_readme_shows_its_real_diff(tmp_path):
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "plain_script" / "after.py")], cwd=tmp_path, env=_env(),
-                          capture_output=True, text=True, timeout=280)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "plain_script" / "after.py")],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = _summary(tmp_path / "runs" / "plain")
     assert s["world_size"] == 2 and s["train_loss"] < 1.0
     before = (EXAMPLES / "plain_script" / "before.py").read_text().splitlines()
     after = (EXAMPLES / "plain_script" / "after.py").read_text().splitlines()
-    changed = [ln for ln in difflib.unified_diff(before, after, lineterm="", n=0)
-               if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
+    changed = [
+        ln
+        for ln in difflib.unified_diff(before, after, lineterm="", n=0)
+        if ln[:1] in "+-" and not ln.startswith(("+++", "---"))
+    ]
     readme = (ROOT / "README.md").read_text()
     for line in changed:
         assert line in readme, f"README's diff lacks: {line}"

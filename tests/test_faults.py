@@ -36,16 +36,32 @@ from dist_opt.train import EXIT_STOPPED
 from dist_opt.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = ["task.name=synthetic", "task.dim=6", "task.hidden=10", "task.classes=4", "data.global_batch=12",
-        "train.progress=false", "tracking.wandb.mode=disabled", "task.eval_size=64", "train.eval_every=0",
-        "optimizer.name=adamw", "optimizer.lr=0.01", "optimizer.weight_decay=0.01"]
+BASE = [
+    "task.name=synthetic",
+    "task.dim=6",
+    "task.hidden=10",
+    "task.classes=4",
+    "data.global_batch=12",
+    "train.progress=false",
+    "tracking.wandb.mode=disabled",
+    "task.eval_size=64",
+    "train.eval_every=0",
+    "optimizer.name=adamw",
+    "optimizer.lr=0.01",
+    "optimizer.weight_decay=0.01",
+]
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
 def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIST_OPT_TEST_")}
-    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", WANDB_SILENT="true", LOGLEVEL="WARNING",
-               PYTHONPATH=str(REPO))
+    env.update(
+        OMP_NUM_THREADS="1",
+        WANDB_MODE="disabled",
+        WANDB_SILENT="true",
+        LOGLEVEL="WARNING",
+        PYTHONPATH=str(REPO),
+    )
     env.update(extra)
     return env
 
@@ -59,9 +75,14 @@ class Launch:
         self.out = (tmp / f"{name}.out").open("w+")
         self.err = (tmp / f"{name}.err").open("w+")
         self.t0 = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "dist_opt", "train", str(cfg), *BASE, *args],
-                                     cwd=REPO, env=env, stdout=self.out, stderr=self.err,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dist_opt", "train", str(cfg), *BASE, *args],
+            cwd=REPO,
+            env=env,
+            stdout=self.out,
+            stderr=self.err,
+            start_new_session=True,
+        )
 
     def wait(self, timeout: float) -> int:
         try:
@@ -132,8 +153,9 @@ def wait_for_step(run_dir: Path, step: int, launch: Launch, timeout: float = 90)
         if any(m["step"] >= step for m in train_steps(run_dir)):
             return time.monotonic()
         if launch.proc.poll() is not None:
-            raise AssertionError(f"run ended (rc {launch.proc.returncode}) before step {step}:\n"
-                                 f"{launch.stderr()[-3000:]}")
+            raise AssertionError(
+                f"run ended (rc {launch.proc.returncode}) before step {step}:\n{launch.stderr()[-3000:]}"
+            )
         time.sleep(0.05)
     raise AssertionError(f"step {step} not reached in {timeout}s:\n{launch.stderr()[-3000:]}")
 
@@ -168,8 +190,11 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 # -- unit level ----------------------------------------------------------------------------------------------
@@ -179,8 +204,10 @@ def test_signal_names_and_backend_messages():
     for bad in ("SIGKILL", "stop", "SIGNOPE"):
         with pytest.raises(ValueError):
             faults.signal_by_name(bad)
-    err = RuntimeError("[/x/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1. This is "
-                       "typically caused by a remote worker crashing. GLHF!")
+    err = RuntimeError(
+        "[/x/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1. This is "
+        "typically caused by a remote worker crashing. GLHF!"
+    )
     assert diagnose.is_collective_failure(err)
     assert diagnose.backend_message(err) == "Connection closed by peer [127.0.0.1]:1."
     assert not diagnose.is_collective_failure(RuntimeError("shape mismatch"))
@@ -217,9 +244,17 @@ MARGIN_S = 15
 @pytest.mark.timeout(150)
 def test_hung_rank_ends_every_rank_within_the_timeout(tmp_path):
     run_dir = tmp_path / "run"
-    launch = Launch(tmp_path, ["data.micro_batch=4", "distributed.nproc=3", "train.steps=100000",
-                               f"distributed.timeout_s={HANG_TIMEOUT_S}", f"run.out_dir={run_dir}"],
-                    cli_env(DIST_OPT_TEST_HANG_AT_STEP="1:3"))
+    launch = Launch(
+        tmp_path,
+        [
+            "data.micro_batch=4",
+            "distributed.nproc=3",
+            "train.steps=100000",
+            f"distributed.timeout_s={HANG_TIMEOUT_S}",
+            f"run.out_dir={run_dir}",
+        ],
+        cli_env(DIST_OPT_TEST_HANG_AT_STEP="1:3"),
+    )
     seen = wait_for_step(run_dir, 3, launch)  # rank 1 hangs right after step 3
     rc = launch.wait(HANG_TIMEOUT_S + MARGIN_S + 60)
     elapsed = time.monotonic() - seen
@@ -239,9 +274,17 @@ def test_hung_rank_ends_every_rank_within_the_timeout(tmp_path):
 @pytest.mark.timeout(150)
 def test_killed_rank_is_named_and_the_others_end(tmp_path):
     run_dir = tmp_path / "run"
-    launch = Launch(tmp_path, ["data.micro_batch=6", "distributed.nproc=2", "train.steps=100000",
-                               f"distributed.timeout_s={HANG_TIMEOUT_S}", f"run.out_dir={run_dir}"],
-                    cli_env(DIST_OPT_TEST_STEP_SLEEP="0.05"))
+    launch = Launch(
+        tmp_path,
+        [
+            "data.micro_batch=6",
+            "distributed.nproc=2",
+            "train.steps=100000",
+            f"distributed.timeout_s={HANG_TIMEOUT_S}",
+            f"run.out_dir={run_dir}",
+        ],
+        cli_env(DIST_OPT_TEST_STEP_SLEEP="0.05"),
+    )
     pids = rank_pids(launch.proc.pid, 2)
     wait_for_step(run_dir, 3, launch)
     os.kill(pids[1], signal.SIGKILL)
@@ -262,14 +305,16 @@ SLOW = "0.05"  # seconds slept after every step (test hook), so that a signal la
 def reference_run(tmp_path: Path, steps: int) -> Path:
     """The same run uninterrupted, one rank in this process (N ranks equal it: tests/test_train.py)."""
     ref = tmp_path / f"ref-{steps}"
-    code, err = in_process(tmp_path, [*PREEMPT, f"train.steps={steps}", "data.micro_batch=12",
-                                      f"run.out_dir={ref}"])
+    code, err = in_process(
+        tmp_path, [*PREEMPT, f"train.steps={steps}", "data.micro_batch=12", f"run.out_dir={ref}"]
+    )
     assert code == 0, err
     return ref
 
 
-def assert_continues_exactly(run_dir: Path, ref: Path, stops: list[int], rtol: float = 0,
-                             atol: float = 0) -> None:
+def assert_continues_exactly(
+    run_dir: Path, ref: Path, stops: list[int], rtol: float = 0, atol: float = 0
+) -> None:
     """Final weights equal the uninterrupted run's, every step is logged once and the losses of the
     steps after each resume are the uninterrupted run's."""
     got, want = final_params(run_dir), final_params(ref)
@@ -314,8 +359,12 @@ def test_preemption_signals_stop_every_rank_with_a_checkpoint_and_resume_continu
     stop1 = stopped_at(first, run_dir)
     assert 3 <= stop1 < 30
 
-    second = Launch(tmp_path, [*args, "resume=latest", "tracking.wandb.mode=offline"],
-                    cli_env(DIST_OPT_TEST_STEP_SLEEP=SLOW, WANDB_MODE="offline"), name="second")
+    second = Launch(
+        tmp_path,
+        [*args, "resume=latest", "tracking.wandb.mode=offline"],
+        cli_env(DIST_OPT_TEST_STEP_SLEEP=SLOW, WANDB_MODE="offline"),
+        name="second",
+    )
     wait_for_step(run_dir, stop1 + 3, second)
     os.killpg(second.proc.pid, signal.SIGTERM)
     stop2 = stopped_at(second, run_dir, "SIGTERM")
@@ -347,17 +396,33 @@ def test_sigint_on_a_local_run_saves_and_resume_is_bitwise_exact(tmp_path):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("signals,code,says", [
-    # a stuck rank does not ignore SIGTERM forever: no step boundary within distributed.timeout_s -> exit 1
-    (["SIGTERM"], 1, "received SIGTERM but reached no step boundary within 3s; exiting without a checkpoint"),
-    # a second Ctrl-C (a second or more after the first) aborts at once
-    (["SIGINT", "SIGINT"], 130, "dist-opt: rank 0: interrupted"),
-])
+@pytest.mark.parametrize(
+    "signals,code,says",
+    [
+        # a stuck rank does not ignore SIGTERM forever: no step boundary within distributed.timeout_s -> exit 1
+        (
+            ["SIGTERM"],
+            1,
+            "received SIGTERM but reached no step boundary within 3s; exiting without a checkpoint",
+        ),
+        # a second Ctrl-C (a second or more after the first) aborts at once
+        (["SIGINT", "SIGINT"], 130, "dist-opt: rank 0: interrupted"),
+    ],
+)
 def test_a_stuck_rank_still_ends_on_signals(tmp_path, signals, code, says):
     run_dir = tmp_path / "run"
-    launch = Launch(tmp_path, [*PREEMPT, "train.steps=1000", "data.micro_batch=12", "distributed.nproc=1",
-                               "distributed.timeout_s=3", f"run.out_dir={run_dir}"],
-                    cli_env(DIST_OPT_TEST_HANG_AT_STEP="0:2"))
+    launch = Launch(
+        tmp_path,
+        [
+            *PREEMPT,
+            "train.steps=1000",
+            "data.micro_batch=12",
+            "distributed.nproc=1",
+            "distributed.timeout_s=3",
+            f"run.out_dir={run_dir}",
+        ],
+        cli_env(DIST_OPT_TEST_HANG_AT_STEP="0:2"),
+    )
     wait_for_step(run_dir, 1, launch)
     deadline = time.monotonic() + 60
     while "hanging after step 2" not in launch.stderr() and time.monotonic() < deadline:
@@ -377,13 +442,21 @@ def test_a_stuck_rank_still_ends_on_signals(tmp_path, signals, code, says):
 def test_nonfinite_storm_stops_with_exit_3_and_checkpoints_the_last_good_state(tmp_path):
     """SGD with lr 1e30: step 1 is applied (huge but finite weights), then every gradient is non-finite."""
     run_dir = tmp_path / "run"
-    storm = ["optimizer.name=sgd", "optimizer.lr=1e30", "optimizer.weight_decay=0", "train.steps=50",
-             "train.max_consecutive_skips=4", "data.micro_batch=12"]
+    storm = [
+        "optimizer.name=sgd",
+        "optimizer.lr=1e30",
+        "optimizer.weight_decay=0",
+        "train.steps=50",
+        "train.max_consecutive_skips=4",
+        "data.micro_batch=12",
+    ]
     code, err = in_process(tmp_path, [*storm, f"run.out_dir={run_dir}"])
     assert code == 3, err
     lines = [x for x in err.splitlines() if x.strip()]
-    assert any("4 consecutive steps had a non-finite gradient" in x and "train.max_consecutive_skips" in x
-               for x in lines), err
+    assert any(
+        "4 consecutive steps had a non-finite gradient" in x and "train.max_consecutive_skips" in x
+        for x in lines
+    ), err
     steps = train_steps(run_dir)
     applied = [m["step"] for m in steps if not m["skipped"]]
     stop = applied[-1] + 4  # the 4th consecutive skip stops the run (before it is logged)
@@ -392,8 +465,9 @@ def test_nonfinite_storm_stops_with_exit_3_and_checkpoints_the_last_good_state(t
     assert checkpoint_steps(run_dir)[-1] == stop
     # the checkpoint holds the weights of the last applied step (== an uninterrupted run of that many
     # steps): resuming it with train.steps = the stop step runs no step and writes those weights out
-    code, err = in_process(tmp_path, [*storm, f"train.steps={stop}", "resume=latest",
-                                      f"run.out_dir={run_dir}"])
+    code, err = in_process(
+        tmp_path, [*storm, f"train.steps={stop}", "resume=latest", f"run.out_dir={run_dir}"]
+    )
     assert code == 0, err
     ref = tmp_path / "ref"
     code, err = in_process(tmp_path, [*storm, f"train.steps={applied[-1]}", f"run.out_dir={ref}"])
@@ -410,8 +484,12 @@ def small_filesystem(path: Path, size: str = "1m"):
     """A tmpfs of ``size`` at ``path`` (root); yields a function that makes it read-only or full."""
     path.mkdir(parents=True, exist_ok=True)
     try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True,
-                       capture_output=True, timeout=20)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+            check=True,
+            capture_output=True,
+            timeout=20,
+        )
     except (OSError, subprocess.SubprocessError):
         if os.geteuid() == 0:
             require_or_skip("cannot mount a tmpfs here and root ignores directory permissions")
@@ -440,8 +518,9 @@ def test_checkpoint_on_a_full_or_read_only_disk_fails_clearly_and_keeps_the_prev
     fs_dir = tmp_path / "fs"
     with small_filesystem(fs_dir, "2m") as fs:
         run_dir = fs_dir / "run"
-        code, err = in_process(tmp_path, [*DISK, "train.steps=3", "checkpoint.every_steps=3",
-                                          f"run.out_dir={run_dir}"])
+        code, err = in_process(
+            tmp_path, [*DISK, "train.steps=3", "checkpoint.every_steps=3", f"run.out_dir={run_dir}"]
+        )
         assert code == 0, err
         assert checkpoint_steps(run_dir) == [3]
         before = tree_digest(run_dir / "checkpoints" / "step-3")
@@ -452,8 +531,10 @@ def test_checkpoint_on_a_full_or_read_only_disk_fails_clearly_and_keeps_the_prev
         else:
             for p in [run_dir, *run_dir.rglob("*")]:
                 p.chmod(0o555 if p.is_dir() else 0o444)
-        code, err = in_process(tmp_path, [*DISK, "train.steps=6", "checkpoint.every_steps=3", "resume=latest",
-                                f"run.out_dir={run_dir}"])
+        code, err = in_process(
+            tmp_path,
+            [*DISK, "train.steps=6", "checkpoint.every_steps=3", "resume=latest", f"run.out_dir={run_dir}"],
+        )
         assert code != 0
         lines = [x for x in err.splitlines() if x.strip()]
         assert "Traceback" not in err and len(lines) <= 2, err
@@ -473,8 +554,10 @@ def test_checkpoint_on_a_full_or_read_only_disk_fails_clearly_and_keeps_the_prev
             for p in [run_dir, *run_dir.rglob("*")]:
                 p.chmod(0o755 if p.is_dir() else 0o644)
         # and resuming from it continues exactly once there is room again
-        code, err = in_process(tmp_path, [*DISK, "train.steps=6", "checkpoint.every_steps=3", "resume=latest",
-                                f"run.out_dir={run_dir}"])
+        code, err = in_process(
+            tmp_path,
+            [*DISK, "train.steps=6", "checkpoint.every_steps=3", "resume=latest", f"run.out_dir={run_dir}"],
+        )
         assert code == 0, err
         ref = tmp_path / "ref"
         code, err = in_process(tmp_path, [*DISK, "train.steps=6", f"run.out_dir={ref}"])
@@ -484,19 +567,23 @@ def test_checkpoint_on_a_full_or_read_only_disk_fails_clearly_and_keeps_the_prev
 
 
 # -- mismatched resume ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("change,expect", [
-    # another model: the mismatched parameters are listed with both shapes
-    (["task.hidden=12"], ["fc1.weight", "[10, 6]", "[12, 6]", "out.weight", "[4, 10]", "[4, 12]"]),
-    # another optimizer: named, with the state it cannot use
-    (["optimizer.name=sgd", "optimizer.lr=0.1"], ["optimizer.name", "adamw", "sgd", "exp_avg"]),
-])
+@pytest.mark.parametrize(
+    "change,expect",
+    [
+        # another model: the mismatched parameters are listed with both shapes
+        (["task.hidden=12"], ["fc1.weight", "[10, 6]", "[12, 6]", "out.weight", "[4, 10]", "[4, 12]"]),
+        # another optimizer: named, with the state it cannot use
+        (["optimizer.name=sgd", "optimizer.lr=0.1"], ["optimizer.name", "adamw", "sgd", "exp_avg"]),
+    ],
+)
 def test_mismatched_resume_is_refused_before_anything_is_overwritten(tmp_path, change, expect):
     run_dir = tmp_path / "run"
     code, err = in_process(tmp_path, ["train.steps=2", "data.micro_batch=12", f"run.out_dir={run_dir}"])
     assert code == 0, err
     before = tree_digest(run_dir)
-    code, err = in_process(tmp_path, ["train.steps=4", "data.micro_batch=12", *change, "resume=latest",
-                            f"run.out_dir={run_dir}"])
+    code, err = in_process(
+        tmp_path, ["train.steps=4", "data.micro_batch=12", *change, "resume=latest", f"run.out_dir={run_dir}"]
+    )
     assert code == 2, err
     assert "Traceback" not in err
     assert all(word in err for word in expect), err

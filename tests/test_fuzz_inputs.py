@@ -31,8 +31,13 @@ from dist_opt.config import ConfigError, load_config
 from dist_opt.config.schema import Config
 from dist_opt.train import main as train_main
 
-FUZZ = settings(max_examples=60, deadline=None, database=None, derandomize=True,
-               suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 # -- the schema's leaves -------------------------------------------------------------------------------------
@@ -51,17 +56,43 @@ def _leaves(model: type, prefix: str = "") -> dict[str, Any]:
 
 LEAVES = _leaves(Config)
 SECTIONS = {k.rsplit(".", 1)[0] for k in LEAVES if "." in k}
-CHOICES = {"task.name": "task", "optimizer.name": "optimizer", "schedule.name": "schedule",
-           "distributed.backend": "backend", "optimizer.grafting": "grafting"}
-POSITIVE = ["data.global_batch", "data.micro_batch", "train.steps", "train.epochs", "task.hidden", "task.dim",
-            "task.seq_len", "checkpoint.keep", "train.log_every", "distributed.nproc", "schedule.T_0",
-            "optimizer.precondition_frequency", "train.max_consecutive_skips", "task.eval_size"]
+CHOICES = {
+    "task.name": "task",
+    "optimizer.name": "optimizer",
+    "schedule.name": "schedule",
+    "distributed.backend": "backend",
+    "optimizer.grafting": "grafting",
+}
+POSITIVE = [
+    "data.global_batch",
+    "data.micro_batch",
+    "train.steps",
+    "train.epochs",
+    "task.hidden",
+    "task.dim",
+    "task.seq_len",
+    "checkpoint.keep",
+    "train.log_every",
+    "distributed.nproc",
+    "schedule.T_0",
+    "optimizer.precondition_frequency",
+    "train.max_consecutive_skips",
+    "task.eval_size",
+]
 NON_NEGATIVE = ["run.seed", "train.eval_every", "checkpoint.every_steps", "schedule.warmup_steps"]
 FINITE_POSITIVE = ["optimizer.lr", "distributed.timeout_s", "distributed.bucket_mb", "schedule.gamma"]
 #: valid, non-default values of keys adamw does not read
-NOT_ADAMW = {"optimizer.momentum": 0.5, "optimizer.dampening": 0.5, "optimizer.alpha": 0.5, "optimizer.centered": True,
-             "optimizer.trust_coefficient": 0.5, "optimizer.grafting": "sgd", "optimizer.max_preconditioner_dim": 8,
-             "optimizer.nesterov": True, "optimizer.lr_decay": 0.5}
+NOT_ADAMW = {
+    "optimizer.momentum": 0.5,
+    "optimizer.dampening": 0.5,
+    "optimizer.alpha": 0.5,
+    "optimizer.centered": True,
+    "optimizer.trust_coefficient": 0.5,
+    "optimizer.grafting": "sgd",
+    "optimizer.max_preconditioner_dim": 8,
+    "optimizer.nesterov": True,
+    "optimizer.lr_decay": 0.5,
+}
 BOOL_WORDS = {"0", "1", "true", "false", "yes", "no", "on", "off", "t", "f", "y", "n"}
 
 
@@ -79,14 +110,22 @@ def _is_number(text: str) -> bool:
 
 
 WORDS = st.text(string.ascii_letters + "_-", min_size=1, max_size=12).filter(
-    lambda w: not _is_number(w) and w.lower() not in BOOL_WORDS | {"null", "none", "nan", "inf"}
-    and not w.startswith("-"))
+    lambda w: (
+        not _is_number(w)
+        and w.lower() not in BOOL_WORDS | {"null", "none", "nan", "inf"}
+        and not w.startswith("-")
+    )
+)
 
 
 @st.composite
 def mutations(draw) -> tuple[str, Any, str]:
     """(dotted key, bad value, the key the error must name)."""
-    kind = draw(st.sampled_from(["type", "unknown", "size", "nonneg", "nonfinite", "choice", "nested", "inapplicable"]))
+    kind = draw(
+        st.sampled_from(
+            ["type", "unknown", "size", "nonneg", "nonfinite", "choice", "nested", "inapplicable"]
+        )
+    )
     if kind == "type":
         key = draw(st.sampled_from(sorted(LEAVES)))
         default = LEAVES[key]
@@ -101,8 +140,11 @@ def mutations(draw) -> tuple[str, Any, str]:
         return key, bad, key
     if kind == "unknown":
         section = draw(st.sampled_from(sorted(SECTIONS) + [""]))
-        fields = {k.rsplit(".", 1)[-1] for k in LEAVES if k.startswith(section + ".")} if section else \
-            {k.split(".")[0] for k in LEAVES}
+        fields = (
+            {k.rsplit(".", 1)[-1] for k in LEAVES if k.startswith(section + ".")}
+            if section
+            else {k.split(".")[0] for k in LEAVES}
+        )
         name = draw(st.from_regex(r"[a-z][a-z0-9_]{0,12}", fullmatch=True).filter(lambda n: n not in fields))
         key = f"{section}.{name}" if section else name
         return key, draw(st.one_of(st.integers(), WORDS, st.just([1]))), key
@@ -126,10 +168,14 @@ def mutations(draw) -> tuple[str, Any, str]:
 
 
 def base_tree(out_dir: Path) -> dict:
-    return {"run": {"out_dir": str(out_dir)},
-            "task": {"name": "synthetic", "dim": 4, "hidden": 4, "eval_size": 16},
-            "data": {"global_batch": 8, "micro_batch": 8}, "train": {"steps": 1, "progress": False},
-            "distributed": {"nproc": 1}, "tracking": {"wandb": {"mode": "disabled"}}}
+    return {
+        "run": {"out_dir": str(out_dir)},
+        "task": {"name": "synthetic", "dim": 4, "hidden": 4, "eval_size": 16},
+        "data": {"global_batch": 8, "micro_batch": 8},
+        "train": {"steps": 1, "progress": False},
+        "distributed": {"nproc": 1},
+        "tracking": {"wandb": {"mode": "disabled"}},
+    }
 
 
 def set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -198,11 +244,34 @@ def test_a_broken_config_is_one_clear_error_and_writes_nothing(mutation, via):
 
 
 @FUZZ
-@given(blocks=st.lists(st.sampled_from(["run:\n  seed: 1", "train:\n  steps: 2\n  progress: false",
-                                        "data: {micro_batch: 4}", "# a comment", ""]), max_size=6),
-       breaker=st.sampled_from(["key: [1, 2", "key: 'open", "\tseed: 1", "a: b: c", "- x\ny: 1", "{a: 1",
-                                "key: @reserved", "x: !!python/object:os.system ls", "&a x: *b"]),
-       at=st.integers(min_value=0, max_value=6))
+@given(
+    blocks=st.lists(
+        st.sampled_from(
+            [
+                "run:\n  seed: 1",
+                "train:\n  steps: 2\n  progress: false",
+                "data: {micro_batch: 4}",
+                "# a comment",
+                "",
+            ]
+        ),
+        max_size=6,
+    ),
+    breaker=st.sampled_from(
+        [
+            "key: [1, 2",
+            "key: 'open",
+            "\tseed: 1",
+            "a: b: c",
+            "- x\ny: 1",
+            "{a: 1",
+            "key: @reserved",
+            "x: !!python/object:os.system ls",
+            "&a x: *b",
+        ]
+    ),
+    at=st.integers(min_value=0, max_value=6),
+)
 def test_yaml_syntax_errors_name_the_line(blocks, breaker, at):
     """A valid document with one broken construct between its blocks: the error names a line at or
     after it."""
@@ -233,8 +302,16 @@ def test_arbitrary_file_content_never_gives_a_traceback(text):
         cfg = Path(tmp) / "cfg.yaml"
         cfg.write_text(text, encoding="utf-8", errors="surrogateescape")
         try:
-            load_config(cfg, ["distributed.nproc=1", "train.steps=1", f"run.out_dir={tmp}/out",
-                              "tracking.wandb.mode=disabled", "train.progress=false"])
+            load_config(
+                cfg,
+                [
+                    "distributed.nproc=1",
+                    "train.steps=1",
+                    f"run.out_dir={tmp}/out",
+                    "tracking.wandb.mode=disabled",
+                    "train.progress=false",
+                ],
+            )
             assume(False)  # a valid config: it would train, which is not what this test is about
         except ConfigError:
             pass
@@ -278,14 +355,21 @@ def test_unknown_commands(cmd):
 @st.composite
 def bad_train_argv(draw, cfg: str) -> tuple[list[str], str]:
     """(argv after 'train', text the error must contain) with exactly one bad item among good overrides."""
-    good = draw(st.lists(st.sampled_from(["train.steps=1", "run.seed=3", "optimizer.lr=0.1",
-                                          "data.micro_batch=8"]), max_size=3))
+    good = draw(
+        st.lists(
+            st.sampled_from(["train.steps=1", "run.seed=3", "optimizer.lr=0.1", "data.micro_batch=8"]),
+            max_size=3,
+        )
+    )
     kind = draw(st.sampled_from(["flag", "no-equals", "empty-key", "unknown-key", "no-config"]))
     if kind == "no-config":
         return [], "required: config"
     if kind == "flag":
-        flag = "--" + draw(st.from_regex(r"[a-z][a-z-]{0,10}", fullmatch=True).filter(
-            lambda f: f not in ("help", "print-config")))
+        flag = "--" + draw(
+            st.from_regex(r"[a-z][a-z-]{0,10}", fullmatch=True).filter(
+                lambda f: f not in ("help", "print-config")
+            )
+        )
         return [cfg, *good, flag], flag
     if kind == "no-equals":
         word = draw(st.from_regex(r"[a-z][a-z0-9_.]{0,15}", fullmatch=True))
@@ -293,8 +377,11 @@ def bad_train_argv(draw, cfg: str) -> tuple[list[str], str]:
     if kind == "empty-key":
         key = draw(st.sampled_from(["", ".", "a..b", "train."]))
         return [cfg, *good, f"{key}=1"], "empty key segment"
-    key = "train." + draw(st.from_regex(r"[a-z]{3,10}", fullmatch=True).filter(
-        lambda k: k not in {x.split(".")[1] for x in LEAVES if x.startswith("train.")}))
+    key = "train." + draw(
+        st.from_regex(r"[a-z]{3,10}", fullmatch=True).filter(
+            lambda k: k not in {x.split(".")[1] for x in LEAVES if x.startswith("train.")}
+        )
+    )
     return [cfg, *good, f"{key}=1"], key
 
 
@@ -312,17 +399,25 @@ def test_bad_train_arguments(data):
 
 # -- hostfiles -----------------------------------------------------------------------------------------------
 LABEL = st.from_regex(r"[a-z][a-z0-9-]{0,8}[a-z0-9]", fullmatch=True)
-HOST = st.one_of(st.lists(LABEL, min_size=1, max_size=3).map(".".join),
-                 st.integers(min_value=1, max_value=2**32 - 2).map(lambda n: str(ipaddress.IPv4Address(n))))
+HOST = st.one_of(
+    st.lists(LABEL, min_size=1, max_size=3).map(".".join),
+    st.integers(min_value=1, max_value=2**32 - 2).map(lambda n: str(ipaddress.IPv4Address(n))),
+)
 BAD_HOST = st.one_of(
     st.tuples(LABEL, st.sampled_from(list("!@$%^&*()_+{}|<>?,;'\"\\")), LABEL).map("".join),
-    LABEL.map(lambda label: "-" + label), LABEL.map(lambda label: label + "-"),
-    st.tuples(LABEL, LABEL).map(lambda t: f"{t[0]}..{t[1]}"), st.just("a" * 64 + ".com"))
+    LABEL.map(lambda label: "-" + label),
+    LABEL.map(lambda label: label + "-"),
+    st.tuples(LABEL, LABEL).map(lambda t: f"{t[0]}..{t[1]}"),
+    st.just("a" * 64 + ".com"),
+)
 BAD_FIELD = st.one_of(
     st.integers(max_value=0).map(lambda n: f"slots={n}"),
-    WORDS.map(lambda w: f"slots={w}"), st.just("slots="), st.just("slots"),
+    WORDS.map(lambda w: f"slots={w}"),
+    st.just("slots="),
+    st.just("slots"),
     st.tuples(WORDS.filter(lambda w: w != "slots"), WORDS).map(lambda t: f"{t[0]}={t[1]}"),
-    st.just("slots=1 slots=2"))
+    st.just("slots=1 slots=2"),
+)
 
 
 @st.composite

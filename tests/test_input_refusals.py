@@ -10,9 +10,13 @@ from dist_opt.config import ConfigError, load_config, to_dict
 from dist_opt.tracking.wandb_run import init_kwargs
 from dist_opt.train import main as train_main
 
-GOOD = {"task": {"name": "synthetic", "dim": 4, "hidden": 8},
-        "data": {"global_batch": 8, "micro_batch": 4}, "train": {"steps": 2, "progress": False},
-        "distributed": {"nproc": 1}, "tracking": {"wandb": {"mode": "disabled"}}}
+GOOD = {
+    "task": {"name": "synthetic", "dim": 4, "hidden": 8},
+    "data": {"global_batch": 8, "micro_batch": 4},
+    "train": {"steps": 2, "progress": False},
+    "distributed": {"nproc": 1},
+    "tracking": {"wandb": {"mode": "disabled"}},
+}
 
 
 def _run(tmp_path: Path, text: str, overrides=()) -> tuple[int, Path]:
@@ -63,8 +67,12 @@ SECRET = "sekrit123value"
 
 def test_secret_env_value_is_redacted_from_config_and_wandb_names(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", SECRET)
-    tree = dict(GOOD, tracking={"wandb": {"mode": "offline", "name": SECRET, "group": f"g-{SECRET}",
-                                          "tags": ["ok", SECRET]}})
+    tree = dict(
+        GOOD,
+        tracking={
+            "wandb": {"mode": "offline", "name": SECRET, "group": f"g-{SECRET}", "tags": ["ok", SECRET]}
+        },
+    )
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(tree))
     cfg = load_config(p)
@@ -77,8 +85,11 @@ def test_secret_env_value_is_redacted_from_config_and_wandb_names(tmp_path, monk
 def test_secret_env_value_never_reaches_run_files(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", SECRET)
     monkeypatch.setenv("WANDB_MODE", "offline")
-    tree = dict(GOOD, tracking={"wandb": {"mode": "offline", "name": SECRET, "group": SECRET, "tags": [SECRET]}},
-                checkpoint={"at_end": True})
+    tree = dict(
+        GOOD,
+        tracking={"wandb": {"mode": "offline", "name": SECRET, "group": SECRET, "tags": [SECRET]}},
+        checkpoint={"at_end": True},
+    )
     code, out = _run(tmp_path, yaml.safe_dump(tree))
     assert code == 0
     files = [f for f in out.rglob("*") if f.is_file()]

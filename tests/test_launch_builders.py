@@ -35,8 +35,18 @@ WEIRD = "wandb.name=a b; $(touch pwned) 'q\" `x`"
 
 
 def request(launcher: str, nodes: list[Node], **kw) -> Request:
-    base = dict(launcher=launcher, nodes=nodes, config="/cfg/tiny.yaml", overrides=("train.steps=3", WEIRD),
-                python=PY, cwd="/work", run_id="rid", cores_per_node=8, environ={}, extra_env={})
+    base = dict(
+        launcher=launcher,
+        nodes=nodes,
+        config="/cfg/tiny.yaml",
+        overrides=("train.steps=3", WEIRD),
+        python=PY,
+        cwd="/work",
+        run_id="rid",
+        cores_per_node=8,
+        environ={},
+        extra_env={},
+    )
     base.update(kw)
     return Request(**base)
 
@@ -51,26 +61,55 @@ def _flag(argv: list[str], name: str) -> str:
 
 # --- environment -----------------------------------------------------------------------------------
 
+
 def test_env_assignments_parse_and_reject_bad_items():
     assert parse_env_assignments(["A=1", "GLOO_SOCKET_IFNAME=eth0", "B=x=y", "C="]) == {
-        "A": "1", "GLOO_SOCKET_IFNAME": "eth0", "B": "x=y", "C": ""}
-    for item, words in [("NOEQUALS", "expected KEY=VALUE"), ("1A=x", "not a valid environment variable"),
-                        ("A-B=x", "not a valid"), ("RANK=3", "RANK is set by the launcher"),
-                        ("MASTER_ADDR=h", "--master-addr"), ("SLURM_PROCID=1", "set by the launcher"),
-                        ("OMPI_COMM_WORLD_RANK=0", "set by the launcher")]:
+        "A": "1",
+        "GLOO_SOCKET_IFNAME": "eth0",
+        "B": "x=y",
+        "C": "",
+    }
+    for item, words in [
+        ("NOEQUALS", "expected KEY=VALUE"),
+        ("1A=x", "not a valid environment variable"),
+        ("A-B=x", "not a valid"),
+        ("RANK=3", "RANK is set by the launcher"),
+        ("MASTER_ADDR=h", "--master-addr"),
+        ("SLURM_PROCID=1", "set by the launcher"),
+        ("OMPI_COMM_WORLD_RANK=0", "set by the launcher"),
+    ]:
         with pytest.raises(LaunchError) as err:
             parse_env_assignments([item])
         assert words in str(err.value) and item.split("=")[0] in str(err.value)
 
 
 def test_only_allow_listed_variables_are_forwarded_and_env_flags_win():
-    environ = {"PATH": "/x", "HOME": "/root", "SSH_AUTH_SOCK": "/s", "AWS_SECRET_ACCESS_KEY": "k",
-               "NCCL_DEBUG": "INFO", "GLOO_SOCKET_IFNAME": "eth1", "PYTHONPATH": "/src", "WANDB_MODE": "offline",
-               "DIST_OPT_X": "1", "TORCH_DISTRIBUTED_DEBUG": "DETAIL", "OMP_NUM_THREADS": "16", "DS_ACCELERATOR": "cpu"}
+    environ = {
+        "PATH": "/x",
+        "HOME": "/root",
+        "SSH_AUTH_SOCK": "/s",
+        "AWS_SECRET_ACCESS_KEY": "k",
+        "NCCL_DEBUG": "INFO",
+        "GLOO_SOCKET_IFNAME": "eth1",
+        "PYTHONPATH": "/src",
+        "WANDB_MODE": "offline",
+        "DIST_OPT_X": "1",
+        "TORCH_DISTRIBUTED_DEBUG": "DETAIL",
+        "OMP_NUM_THREADS": "16",
+        "DS_ACCELERATOR": "cpu",
+    }
     env = forwarded_env(environ, {"GLOO_SOCKET_IFNAME": "eth0", "MY_FLAG": "on"}, omp_num_threads=2)
-    assert env == {"DIST_OPT_X": "1", "DS_ACCELERATOR": "cpu", "GLOO_SOCKET_IFNAME": "eth0", "MY_FLAG": "on",
-                   "NCCL_DEBUG": "INFO", "OMP_NUM_THREADS": "2", "PYTHONPATH": "/src",
-                   "TORCH_DISTRIBUTED_DEBUG": "DETAIL", "WANDB_MODE": "offline"}
+    assert env == {
+        "DIST_OPT_X": "1",
+        "DS_ACCELERATOR": "cpu",
+        "GLOO_SOCKET_IFNAME": "eth0",
+        "MY_FLAG": "on",
+        "NCCL_DEBUG": "INFO",
+        "OMP_NUM_THREADS": "2",
+        "PYTHONPATH": "/src",
+        "TORCH_DISTRIBUTED_DEBUG": "DETAIL",
+        "WANDB_MODE": "offline",
+    }
     assert forwarded_env(environ, {"OMP_NUM_THREADS": "3"}, omp_num_threads=2)["OMP_NUM_THREADS"] == "3"
 
 
@@ -81,6 +120,7 @@ def test_omp_threads_is_cores_per_rank(cores, procs, expected):
 
 
 # --- torchrun ----------------------------------------------------------------------------------------
+
 
 def test_torchrun_one_agent_per_node_with_c10d_hosted_by_node_0():
     plan = torchrun.build(request("torchrun", TWO, max_restarts=2, rdzv_timeout=77))
@@ -121,6 +161,7 @@ def test_localhost_cannot_be_one_of_several_nodes():
 
 # --- deepspeed ---------------------------------------------------------------------------------------
 
+
 def test_deepspeed_single_node_hands_over_to_the_deepspeed_runner():
     plan = deepspeed.build(request("deepspeed", [Node("localhost", (0, 1, 2))], python=sys.executable))
     [proc] = plan.procs
@@ -128,7 +169,14 @@ def test_deepspeed_single_node_hands_over_to_the_deepspeed_runner():
     assert head[0].endswith("/deepspeed") or head == [sys.executable, "-m", "deepspeed.launcher.runner"]
     assert "--num_gpus=3" in proc.argv and "--master_addr=127.0.0.1" in proc.argv
     i = proc.argv.index("--module")
-    assert proc.argv[i:] == ["--module", "--no_local_rank", "dist_opt.train", "/cfg/tiny.yaml", "train.steps=3", WEIRD]
+    assert proc.argv[i:] == [
+        "--module",
+        "--no_local_rank",
+        "dist_opt.train",
+        "/cfg/tiny.yaml",
+        "train.steps=3",
+        WEIRD,
+    ]
 
 
 def test_deepspeed_multi_node_runs_deepspeeds_node_launcher_with_its_world_info():
@@ -137,7 +185,10 @@ def test_deepspeed_multi_node_runs_deepspeeds_node_launcher_with_its_world_info(
     for i, proc in enumerate(plan.procs):
         assert proc.argv[:4] == [PY, "-u", "-m", "deepspeed.launcher.launch"]
         assert _flag(proc.argv, "--world_info") == expected
-        assert json.loads(base64.urlsafe_b64decode(expected)) == {"10.0.0.1": [0, 1], "10.0.0.2": [0, 1, 2, 3]}
+        assert json.loads(base64.urlsafe_b64decode(expected)) == {
+            "10.0.0.1": [0, 1],
+            "10.0.0.2": [0, 1, 2, 3],
+        }
         assert _flag(proc.argv, "--node_rank") == str(i) and _flag(proc.argv, "--master_addr") == "10.0.0.1"
 
 
@@ -149,9 +200,16 @@ def test_max_restarts_is_torchrun_only():
 
 # --- mpirun ------------------------------------------------------------------------------------------
 
+
 def test_mpirun_one_mpiexec_with_hosts_slots_and_exported_names():
-    req = request("mpirun", TWO, extra_env={"WANDB_API_KEY": "s3cret"}, allow_run_as_root=True,
-                  ssh=SshOptions(config="/k/ssh_config"), dry_run=True)
+    req = request(
+        "mpirun",
+        TWO,
+        extra_env={"WANDB_API_KEY": "s3cret"},
+        allow_run_as_root=True,
+        ssh=SshOptions(config="/k/ssh_config"),
+        dry_run=True,
+    )
     [proc] = mpirun.build(req).procs
     a = proc.argv
     assert a[a.index("-n") + 1] == "6" and a[a.index("--host") + 1] == "10.0.0.1:2,10.0.0.2:4"
@@ -176,14 +234,21 @@ def test_mpirun_as_root_needs_an_explicit_opt_in():
 
 # --- slurm -------------------------------------------------------------------------------------------
 
-SLURM_ENV = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[01-02,07]", "SLURM_NTASKS_PER_NODE": "2(x3)",
-             "SLURM_CPUS_ON_NODE": "16"}
+SLURM_ENV = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_JOB_NODELIST": "gpu[01-02,07]",
+    "SLURM_NTASKS_PER_NODE": "2(x3)",
+    "SLURM_CPUS_ON_NODE": "16",
+}
 
 
 def test_slurm_nodes_come_from_the_allocation():
     nodes = slurm.allocation_nodes(SLURM_ENV, None, None)
     assert nodes == [Node("gpu01", (0, 1)), Node("gpu02", (0, 1)), Node("gpu07", (0, 1))]
-    assert slurm.allocation_nodes(SLURM_ENV, 2, 4) == [Node("gpu01", (0, 1, 2, 3)), Node("gpu02", (0, 1, 2, 3))]
+    assert slurm.allocation_nodes(SLURM_ENV, 2, 4) == [
+        Node("gpu01", (0, 1, 2, 3)),
+        Node("gpu02", (0, 1, 2, 3)),
+    ]
     assert slurm.cores_on_node(SLURM_ENV) == 16
     with pytest.raises(LaunchError, match="not inside a SLURM allocation"):
         slurm.allocation_nodes({}, None, None)
@@ -197,8 +262,16 @@ def test_slurm_srun_step_and_the_address_the_ranks_will_compute(monkeypatch):
     nodes = slurm.allocation_nodes(SLURM_ENV, None, None)
     [proc] = slurm.build(request("slurm", nodes, environ=SLURM_ENV, cores_per_node=16, dry_run=True)).procs
     a = proc.argv
-    assert a[1:9] == ["--nodes=3", "--nodelist=gpu01,gpu02,gpu07", "--ntasks=6", "--ntasks-per-node=2",
-                      "--cpus-per-task=8", "--kill-on-bad-exit=1", "--export=ALL", PY]
+    assert a[1:9] == [
+        "--nodes=3",
+        "--nodelist=gpu01,gpu02,gpu07",
+        "--ntasks=6",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=8",
+        "--kill-on-bad-exit=1",
+        "--export=ALL",
+        PY,
+    ]
     assert proc.env["OMP_NUM_THREADS"] == "8"
     # Reference: what dist_opt.dist.group derives inside a task of this step without MASTER_* set.
     from dist_opt.dist import group
@@ -213,11 +286,13 @@ def test_slurm_srun_step_and_the_address_the_ranks_will_compute(monkeypatch):
 
 # --- local -------------------------------------------------------------------------------------------
 
+
 def test_local_launcher_gives_each_rank_an_environment_dist_opt_understands():
     plan = local.build(request("local", [Node("localhost", (0, 1, 2))]))
     seen = [detect(p.env) for p in plan.procs]
     assert [(e.launcher, e.rank, e.local_rank, e.world_size) for e in seen] == [
-        ("torchrun", r, r, 3) for r in range(3)]
+        ("torchrun", r, r, 3) for r in range(3)
+    ]
     assert len({(e.master_addr, e.master_port) for e in seen}) == 1
     with pytest.raises(LaunchError, match="runs on this machine only"):
         local.build(request("local", TWO))
@@ -225,18 +300,26 @@ def test_local_launcher_gives_each_rank_an_environment_dist_opt_understands():
 
 # --- ssh and the node shim ---------------------------------------------------------------------------
 
+
 def test_ssh_argv_keeps_host_and_command_as_single_items():
-    argv = ssh_argv("10.0.0.2", "cd /x && exec y", SshOptions(config="/c", port=2222, options=("User=bob",),
-                                                                connect_timeout=3))
+    argv = ssh_argv(
+        "10.0.0.2",
+        "cd /x && exec y",
+        SshOptions(config="/c", port=2222, options=("User=bob",), connect_timeout=3),
+    )
     assert argv[0] == "ssh" and argv[-3:] == ["--", "10.0.0.2", "cd /x && exec y"]
-    assert ["-F", "/c"] == argv[argv.index("-F"):argv.index("-F") + 2] and "ConnectTimeout=3" in argv
+    assert ["-F", "/c"] == argv[argv.index("-F") : argv.index("-F") + 2] and "ConnectTimeout=3" in argv
     assert argv[argv.index("-p") + 1] == "2222" and "BatchMode=yes" in argv
 
 
 def test_remote_command_survives_a_real_shell_and_the_shim_runs_it(tmp_path):
     args = [WEIRD, "a b", "'", '"', "$HOME", "`id`", ";", "&&", "x\ny"]
-    printer = [sys.executable, "-c", "import json, os, sys; print(json.dumps([sys.argv[1:], os.getcwd(), "
-               "os.environ.get('SHIM_VAR')]))", *args]
+    printer = [
+        sys.executable,
+        "-c",
+        "import json, os, sys; print(json.dumps([sys.argv[1:], os.getcwd(), os.environ.get('SHIM_VAR')]))",
+        *args,
+    ]
     cmd = remote_command(sys.executable, str(tmp_path), printer, pythonpath=str(REPO))
     assert shlex.split(cmd)[:2] == ["cd", str(tmp_path)]
     shell = subprocess.Popen(["sh", "-c", cmd], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -252,8 +335,11 @@ def test_remote_command_survives_a_real_shell_and_the_shim_runs_it(tmp_path):
 def test_shim_kills_its_command_when_the_launcher_side_goes_away(tmp_path):
     pidfile = tmp_path / "pid"
     script = f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
-    shim = subprocess.Popen([sys.executable, "-m", "dist_opt.launch.remote", "--", sys.executable, "-c", script],
-                            stdin=subprocess.PIPE, cwd=REPO)
+    shim = subprocess.Popen(
+        [sys.executable, "-m", "dist_opt.launch.remote", "--", sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        cwd=REPO,
+    )
     shim.stdin.write(b'{"env": {}}\n')
     shim.stdin.flush()
     deadline = time.monotonic() + 30
@@ -270,18 +356,25 @@ def test_shim_kills_its_command_when_the_launcher_side_goes_away(tmp_path):
 
 
 def test_shim_rejects_a_missing_header():
-    done = subprocess.run([sys.executable, "-m", "dist_opt.launch.remote", "--", "true"], input=b"", capture_output=True,
-                          timeout=30)
+    done = subprocess.run(
+        [sys.executable, "-m", "dist_opt.launch.remote", "--", "true"],
+        input=b"",
+        capture_output=True,
+        timeout=30,
+    )
     assert done.returncode == 2 and b"no header on stdin" in done.stderr
 
 
 # --- CLI: --dry-run and bad input -------------------------------------------------------------------
 
+
 @pytest.fixture
 def config(tmp_path):
     path = tmp_path / "tiny.yaml"
-    path.write_text(f"run: {{out_dir: {tmp_path / 'run'}}}\ntask: {{name: synthetic, dim: 8, hidden: 16}}\n"
-                    "data: {global_batch: 8, micro_batch: 2}\ntrain: {steps: 2, progress: false}\n")
+    path.write_text(
+        f"run: {{out_dir: {tmp_path / 'run'}}}\ntask: {{name: synthetic, dim: 8, hidden: 16}}\n"
+        "data: {global_batch: 8, micro_batch: 2}\ntrain: {steps: 2, progress: false}\n"
+    )
     return path
 
 
@@ -289,8 +382,19 @@ def test_dry_run_prints_every_node_command_and_starts_nothing(tmp_path, config, 
     monkeypatch.setenv("WANDB_API_KEY", "very-secret")
     hf = tmp_path / "hosts"
     hf.write_text("10.9.9.1 slots=2\n10.9.9.2 slots=2\n")  # unroutable: a real launch would fail
-    rc = main(["--dry-run", "--hostfile", str(hf), "--env", "GLOO_SOCKET_IFNAME=eth0", "--cores-per-node", "8",
-               str(config), "train.steps=1"])
+    rc = main(
+        [
+            "--dry-run",
+            "--hostfile",
+            str(hf),
+            "--env",
+            "GLOO_SOCKET_IFNAME=eth0",
+            "--cores-per-node",
+            "8",
+            str(config),
+            "train.steps=1",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     lines = [ln for ln in out.splitlines() if ln.startswith("env ")]
@@ -305,17 +409,20 @@ def test_dry_run_prints_every_node_command_and_starts_nothing(tmp_path, config, 
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("argv_tail, code, words", [
-    (["--launcher", "nope"], 2, "invalid choice: 'nope'"),
-    (["--nproc-per-node", "0"], 2, "must be a positive integer"),
-    (["--master-port", "70000"], 2, "TCP port"),
-    (["--env", "RANK=1"], 2, "RANK is set by the launcher"),
-    (["--master-addr", "bad host"], 2, "not a valid host name"),
-    (["--module", "os; rm"], 2, "not a Python module name"),
-    (["--include", "a"], 2, "--include/--exclude need --hostfile"),
-    (["--launcher", "slurm"], 2, "not inside a SLURM allocation"),
-    (["--ssh-option", "nonsense"], 2, "expected Key=Value"),
-])
+@pytest.mark.parametrize(
+    "argv_tail, code, words",
+    [
+        (["--launcher", "nope"], 2, "invalid choice: 'nope'"),
+        (["--nproc-per-node", "0"], 2, "must be a positive integer"),
+        (["--master-port", "70000"], 2, "TCP port"),
+        (["--env", "RANK=1"], 2, "RANK is set by the launcher"),
+        (["--master-addr", "bad host"], 2, "not a valid host name"),
+        (["--module", "os; rm"], 2, "not a Python module name"),
+        (["--include", "a"], 2, "--include/--exclude need --hostfile"),
+        (["--launcher", "slurm"], 2, "not inside a SLURM allocation"),
+        (["--ssh-option", "nonsense"], 2, "expected Key=Value"),
+    ],
+)
 def test_bad_options_exit_2_with_one_line(config, capsys, monkeypatch, argv_tail, code, words):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     assert main([*argv_tail, "--dry-run", str(config)]) == code
@@ -340,24 +447,36 @@ def test_config_errors_exit_2_before_anything_starts(config, capsys):
 
 
 def test_python_dash_m_launch_is_the_same_cli(config):
-    done = subprocess.run([sys.executable, "-m", "dist_opt.launch", "--dry-run", "--nproc-per-node", "2",
-                           str(config)], capture_output=True, text=True, timeout=60, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-m", "dist_opt.launch", "--dry-run", "--nproc-per-node", "2", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stderr
     assert "torch.distributed.run" in done.stdout and "--nproc-per-node=2" in done.stdout
     assert "DeprecationWarning" not in done.stderr
 
 
 def test_old_python_dash_m_launch_from_a_checkout_still_works_and_warns(config):
-    done = subprocess.run([sys.executable, "-m", "launch", "--dry-run", "--nproc-per-node", "2", str(config)],
-                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-m", "launch", "--dry-run", "--nproc-per-node", "2", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stderr
     assert "torch.distributed.run" in done.stdout and "--nproc-per-node=2" in done.stdout
     assert "DeprecationWarning" in done.stderr and "python -m dist_opt.launch" in done.stderr
 
 
 def test_the_launcher_never_imports_torch(config):
-    code = ("import sys; from dist_opt.launch.cli import main; "
-            f"rc = main(['--dry-run', '--launcher', 'deepspeed', '--nproc-per-node', '2', {str(config)!r}]); "
-            "print(rc, 'torch' in sys.modules, 'deepspeed' in sys.modules)")
+    code = (
+        "import sys; from dist_opt.launch.cli import main; "
+        f"rc = main(['--dry-run', '--launcher', 'deepspeed', '--nproc-per-node', '2', {str(config)!r}]); "
+        "print(rc, 'torch' in sys.modules, 'deepspeed' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert done.stdout.split()[-3:] == ["0", "False", "False"], done.stderr

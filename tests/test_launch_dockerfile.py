@@ -26,8 +26,12 @@ def hadolint() -> str:
 
 
 def lint(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([hadolint(), "--no-color", "--config", str(REPO / ".hadolint.yaml"), str(path)],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [hadolint(), "--no-color", "--config", str(REPO / ".hadolint.yaml"), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_dockerfile_is_lint_clean():
@@ -57,7 +61,9 @@ def _instructions() -> list[tuple[str, str]]:
 
 def test_cpu_default_cuda_build_arg_nonroot_user_and_entrypoint():
     ins = _instructions()
-    args = {rest.split("=", 1)[0]: rest.split("=", 1)[1] if "=" in rest else None for w, rest in ins if w == "ARG"}
+    args = {
+        rest.split("=", 1)[0]: rest.split("=", 1)[1] if "=" in rest else None for w, rest in ins if w == "ARG"
+    }
     assert args["BASE_IMAGE"].startswith("python:3.11-slim")
     assert [rest for w, rest in ins if w == "FROM"] == ["${BASE_IMAGE}"]
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"

@@ -51,9 +51,14 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(tiny, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref") / "run"
-    done = subprocess.run([sys.executable, "-m", "dist_opt.train", str(tiny), "distributed.nproc=1",
-                           f"run.out_dir={out}"], env=launch_env(), cwd=REPO, capture_output=True, text=True,
-                          timeout=200)
+    done = subprocess.run(
+        [sys.executable, "-m", "dist_opt.train", str(tiny), "distributed.nproc=1", f"run.out_dir={out}"],
+        env=launch_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -90,8 +95,20 @@ def test_ranks_on_two_nodes_rendezvous_over_the_namespace_network(cluster, probe
     mods, out = probe
     env = launch_env(mods)
     env.update(DIST_OPT_PROBE_ALLOWED="yes", PROBE_PRIVATE="must-not-travel")
-    done = run_launch(cluster_args(cluster, cluster.hostfile(slots=1), "--module", "launch_probe",
-                                   "--cores-per-node", "2", "--env", "PROBE_EXTRA=x y", str(out)), env)
+    done = run_launch(
+        cluster_args(
+            cluster,
+            cluster.hostfile(slots=1),
+            "--module",
+            "launch_probe",
+            "--cores-per-node",
+            "2",
+            "--env",
+            "PROBE_EXTRA=x y",
+            str(out),
+        ),
+        env,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
     assert [r["rank"] for r in records] == [0, 1]
@@ -107,8 +124,12 @@ def test_ranks_on_two_nodes_rendezvous_over_the_namespace_network(cluster, probe
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_two_nodes_train_to_the_single_process_parameters(launcher, cluster, tiny, reference, tmp_path):
     out = tmp_path / "run"
-    done = run_launch(cluster_args(cluster, cluster.hostfile(slots=1), "--launcher", launcher, str(tiny),
-                                   f"run.out_dir={out}"), launch_env())
+    done = run_launch(
+        cluster_args(
+            cluster, cluster.hostfile(slots=1), "--launcher", launcher, str(tiny), f"run.out_dir={out}"
+        ),
+        launch_env(),
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"{launcher}, 2 node(s), world size 2" in done.stderr
     assert_same_run(out, reference)
@@ -121,8 +142,11 @@ def test_an_unreachable_host_fails_fast_naming_it(cluster, probe, tmp_path):
     dead = cluster.unused_addr()
     hostfile.write_text(f"{cluster.nodes[0].addr} slots=1\n{dead} slots=1\n")
     t0 = time.monotonic()
-    done = run_launch(cluster_args(cluster, hostfile, "--ssh-timeout", "2", "--module", "launch_probe", str(out)),
-                      launch_env(mods), timeout=80)
+    done = run_launch(
+        cluster_args(cluster, hostfile, "--ssh-timeout", "2", "--module", "launch_probe", str(out)),
+        launch_env(mods),
+        timeout=80,
+    )
     assert done.returncode == 1
     assert f"node 1 ({dead}) is unreachable over ssh" in done.stderr
     assert time.monotonic() - t0 < 30
@@ -133,8 +157,19 @@ def test_an_unreachable_host_fails_fast_naming_it(cluster, probe, tmp_path):
 def test_a_rank_dying_on_node_1_fails_the_launch_and_stops_node_0(cluster, probe):
     mods, out = probe
     t0 = time.monotonic()
-    done = run_launch(cluster_args(cluster, cluster.hostfile(slots=1), "--module", "launch_probe",
-                                   "--env", "PROBE_DIE_RANK=1", str(out)), launch_env(mods), timeout=110)
+    done = run_launch(
+        cluster_args(
+            cluster,
+            cluster.hostfile(slots=1),
+            "--module",
+            "launch_probe",
+            "--env",
+            "PROBE_DIE_RANK=1",
+            str(out),
+        ),
+        launch_env(mods),
+        timeout=110,
+    )
     assert done.returncode != 0 and done.returncode != 124, done.stderr
     assert f"node 1 ({cluster.nodes[1].addr}) exited with code" in done.stderr
     assert "stopping the other nodes" in done.stderr
@@ -149,15 +184,38 @@ def test_a_rank_dying_on_node_1_fails_the_launch_and_stops_node_0(cluster, probe
 def test_a_busy_rendezvous_port_on_node_0_fails_naming_node_0(cluster, probe):
     mods, out = probe
     node0 = cluster.nodes[0]
-    holder = subprocess.Popen(["ip", "netns", "exec", node0.netns, sys.executable, "-c",
-                               "import socket, time; s = socket.socket(); s.bind(('0.0.0.0', 29611)); s.listen();"
-                               " print('listening', flush=True); time.sleep(300)"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            node0.netns,
+            sys.executable,
+            "-c",
+            "import socket, time; s = socket.socket(); s.bind(('0.0.0.0', 29611)); s.listen();"
+            " print('listening', flush=True); time.sleep(300)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "listening"
         t0 = time.monotonic()
-        done = run_launch(cluster_args(cluster, cluster.hostfile(slots=1), "--module", "launch_probe",
-                                       "--master-port", "29611", "--rdzv-timeout", "30", str(out)),
-                          launch_env(mods), timeout=110)
+        done = run_launch(
+            cluster_args(
+                cluster,
+                cluster.hostfile(slots=1),
+                "--module",
+                "launch_probe",
+                "--master-port",
+                "29611",
+                "--rdzv-timeout",
+                "30",
+                str(out),
+            ),
+            launch_env(mods),
+            timeout=110,
+        )
         assert done.returncode != 0 and done.returncode != 124, done.stderr
         assert f"node 0 ({node0.addr}) exited with code" in done.stderr
         assert time.monotonic() - t0 < 90

@@ -18,29 +18,45 @@ import torch
 from netns import write_probe
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ("task:\n  name: synthetic\n  dim: 8\n  hidden: 16\ndata:\n  global_batch: 8\n  micro_batch: 2\n"
-        "train:\n  steps: 5\n  progress: false\noptimizer:\n  name: sgd\n  lr: 0.1\n"
-        "checkpoint:\n  at_end: false\n"  # launching is under test here, not checkpoints
-        "tracking:\n  wandb:\n    mode: disabled\n")
+TINY = (
+    "task:\n  name: synthetic\n  dim: 8\n  hidden: 16\ndata:\n  global_batch: 8\n  micro_batch: 2\n"
+    "train:\n  steps: 5\n  progress: false\noptimizer:\n  name: sgd\n  lr: 0.1\n"
+    "checkpoint:\n  at_end: false\n"  # launching is under test here, not checkpoints
+    "tracking:\n  wandb:\n    mode: disabled\n"
+)
 
 
 def launch_env(*extra_paths: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(p) for p in extra_paths] + [str(REPO)])
-    env.update(DS_ACCELERATOR="cpu", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMP_NUM_THREADS="1", WANDB_MODE="disabled", LOGLEVEL="WARNING")
+    env.update(
+        DS_ACCELERATOR="cpu",
+        OMPI_ALLOW_RUN_AS_ROOT="1",
+        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+        OMP_NUM_THREADS="1",
+        WANDB_MODE="disabled",
+        LOGLEVEL="WARNING",
+    )
     return env
 
 
 def run_launch(args: list[str], env: dict[str, str], timeout: float = 200) -> subprocess.CompletedProcess:
     """``dist-opt launch ARGS`` (through the dist_opt CLI), from the repository root."""
-    return subprocess.run([sys.executable, "-m", "dist_opt", "launch", *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "dist_opt", "launch", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def read_run(out_dir: Path) -> tuple[dict[str, torch.Tensor], list[dict]]:
     params = torch.load(out_dir / "final_params.pt", weights_only=True)
-    metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = [
+        json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
+    ]
     return params, [m for m in metrics if "loss" in m and "step" in m]
 
 
@@ -66,9 +82,14 @@ def tiny(tmp_path_factory) -> Path:
 def reference(tiny, tmp_path_factory) -> Path:
     """One process, the same global batch (8 = micro 2 x accumulation 4)."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    done = subprocess.run([sys.executable, "-m", "dist_opt.train", str(tiny), "distributed.nproc=1",
-                           f"run.out_dir={out}"], env=launch_env(), cwd=REPO, capture_output=True, text=True,
-                          timeout=200)
+    done = subprocess.run(
+        [sys.executable, "-m", "dist_opt.train", str(tiny), "distributed.nproc=1", f"run.out_dir={out}"],
+        env=launch_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return out
 
@@ -77,8 +98,19 @@ def reference(tiny, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed", "mpirun", "local"])
 def test_launcher_trains_to_the_single_process_parameters(launcher, tiny, reference, tmp_path):
     out = tmp_path / "run"
-    done = run_launch(["--launcher", launcher, "--nproc-per-node", "2", "--timeout", "180", str(tiny),
-                       f"run.out_dir={out}"], launch_env())
+    done = run_launch(
+        [
+            "--launcher",
+            launcher,
+            "--nproc-per-node",
+            "2",
+            "--timeout",
+            "180",
+            str(tiny),
+            f"run.out_dir={out}",
+        ],
+        launch_env(),
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"{launcher}, 1 node(s), world size 2" in done.stderr
     assert_same_run(out, reference)
@@ -100,8 +132,22 @@ def _records(out: Path) -> list[dict]:
 @pytest.mark.timeout(120)
 def test_ranks_get_omp_threads_per_rank_and_env_flags(probe):
     mods, out = probe
-    done = run_launch(["--module", "launch_probe", "--nproc-per-node", "2", "--cores-per-node", "6",
-                       "--env", "PROBE_EXTRA=a b;c", "--timeout", "90", str(out)], launch_env(mods))
+    done = run_launch(
+        [
+            "--module",
+            "launch_probe",
+            "--nproc-per-node",
+            "2",
+            "--cores-per-node",
+            "6",
+            "--env",
+            "PROBE_EXTRA=a b;c",
+            "--timeout",
+            "90",
+            str(out),
+        ],
+        launch_env(mods),
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records = _records(out)
     assert [r["rank"] for r in records] == [0, 1]
@@ -115,8 +161,20 @@ def test_a_rank_dying_at_start_fails_the_launch_naming_the_node(probe):
     mods, out = probe
     env = launch_env(mods)
     t0 = time.monotonic()
-    done = run_launch(["--module", "launch_probe", "--nproc-per-node", "2", "--env", "PROBE_DIE_RANK=1",
-                       "--timeout", "90", str(out)], env)
+    done = run_launch(
+        [
+            "--module",
+            "launch_probe",
+            "--nproc-per-node",
+            "2",
+            "--env",
+            "PROBE_DIE_RANK=1",
+            "--timeout",
+            "90",
+            str(out),
+        ],
+        env,
+    )
     assert done.returncode != 0 and done.returncode != 124
     assert "node 0 (localhost) exited with code" in done.stderr
     assert "rank 1: dying at start on purpose" in done.stdout
@@ -131,8 +189,11 @@ def test_a_busy_master_port_fails_naming_node_0(probe):
         busy.bind(("", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        done = run_launch(["--module", "launch_probe", "--nproc-per-node", "2", "--master-port", str(port),
-                           str(out)], launch_env(mods), timeout=50)
+        done = run_launch(
+            ["--module", "launch_probe", "--nproc-per-node", "2", "--master-port", str(port), str(out)],
+            launch_env(mods),
+            timeout=50,
+        )
     assert done.returncode == 1
     assert f"node 0 (localhost): master port {port} is not free" in done.stderr
 
@@ -155,8 +216,9 @@ def test_timeout_stops_a_hung_launch_and_leaves_no_ranks(probe):
     env = launch_env(mods)
     env["PROBE_SLEEP"] = "300"
     t0 = time.monotonic()
-    done = run_launch(["--module", "launch_probe", "--nproc-per-node", "2", "--timeout", "4", str(out)], env,
-                      timeout=80)
+    done = run_launch(
+        ["--module", "launch_probe", "--nproc-per-node", "2", "--timeout", "4", str(out)], env, timeout=80
+    )
     assert done.returncode == 124
     assert "timed out after 4 s; still running: node 0 (localhost)" in done.stderr
     assert time.monotonic() - t0 < 40

@@ -55,8 +55,12 @@ def _alive(pid: int) -> bool:
 def test_orphaned_process_asks_to_stop_then_exits_within_bound(tmp_path):
     stop_file, ready = tmp_path / "stop", tmp_path / "ready"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD, str(stop_file), str(ready)],
-                              stdout=subprocess.PIPE, text=True, env=env)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, CHILD, str(stop_file), str(ready)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     child_pid = int(parent.stdout.readline())
     assert _wait_for(ready, 60), "child never started"
     t0 = time.time()
@@ -70,10 +74,17 @@ def test_orphaned_process_asks_to_stop_then_exits_within_bound(tmp_path):
 
 
 def test_no_watch_without_a_parent_to_watch():
-    code = ("import os; from dist_opt.dist import lifeline; os.getppid = lambda: 1; "
-            "print(lifeline.watch_parent())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
+    code = (
+        "import os; from dist_opt.dist import lifeline; os.getppid = lambda: 1; "
+        "print(lifeline.watch_parent())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        timeout=60,
+    )
     assert out.stdout.strip() == "False"
 
 
@@ -94,8 +105,12 @@ def test_die_with_parent_signals_the_child(tmp_path):
         print("ready", flush=True)
         time.sleep(60)
     """)
-    p = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    p = subprocess.Popen(
+        [sys.executable, "-c", parent],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert p.stdout.readline().strip() == "ready"
     p.kill()
     p.wait()

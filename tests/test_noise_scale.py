@@ -74,8 +74,11 @@ def test_b_simple_converges_to_trace_over_g2():
     assert ns.b_simple == pytest.approx(truth, rel=0.15)
     assert ns.trace_sigma == pytest.approx(16.0, rel=0.10) and ns.g2 == pytest.approx(1.0, rel=0.15)
     m = ns.metrics()
-    assert m == {"noise_scale/b_simple": ns.b_simple, "noise_scale/trace_sigma": ns.trace_sigma,
-                 "noise_scale/g2": ns.g2}
+    assert m == {
+        "noise_scale/b_simple": ns.b_simple,
+        "noise_scale/trace_sigma": ns.trace_sigma,
+        "noise_scale/g2": ns.g2,
+    }
 
 
 def test_ratio_of_emas_not_ema_of_ratios():

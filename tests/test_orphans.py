@@ -14,11 +14,24 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.dist, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")]
+pytestmark = [
+    pytest.mark.dist,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc"),
+]
 
-ARGS = ["task.name=synthetic", "task.dim=4", "task.hidden=8", "data.global_batch=8", "data.micro_batch=4",
-        "train.steps=100000", "train.progress=false", "tracking.wandb.mode=disabled", "train.eval_every=0",
-        "checkpoint.at_end=false", "distributed.nproc=2"]
+ARGS = [
+    "task.name=synthetic",
+    "task.dim=4",
+    "task.hidden=8",
+    "data.global_batch=8",
+    "data.micro_batch=4",
+    "train.steps=100000",
+    "train.progress=false",
+    "tracking.wandb.mode=disabled",
+    "train.eval_every=0",
+    "checkpoint.at_end=false",
+    "distributed.nproc=2",
+]
 
 
 def _descendants(pid: int) -> set[int]:
@@ -45,14 +58,21 @@ def _alive(pid: int) -> bool:
 
 def _steps(run: Path) -> int:
     try:
-        return sum(1 for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line))
+        return sum(
+            1 for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)
+        )
     except (OSError, ValueError):
         return 0
 
 
 def _kill_launcher_and_watch(cmd: list[str], run: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOGLEVEL": "WARNING", "PYTHONPATH": str(ROOT),
-           "DIST_OPT_TEST_STEP_SLEEP": "0.05"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "LOGLEVEL": "WARNING",
+        "PYTHONPATH": str(ROOT),
+        "DIST_OPT_TEST_STEP_SLEEP": "0.05",
+    }
     log = open(tmp_path / "launcher.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     deadline = time.time() + 120
@@ -80,15 +100,32 @@ def _kill_launcher_and_watch(cmd: list[str], run: Path, tmp_path: Path) -> None:
 @pytest.mark.timeout(200)
 def test_sigkill_of_cli_local_spawn_leaves_no_rank(tmp_path):
     run = tmp_path / "run"
-    _kill_launcher_and_watch([sys.executable, "-m", "dist_opt", "train", *_cfg(tmp_path), *ARGS,
-                              f"run.out_dir={run}"], run, tmp_path)
+    _kill_launcher_and_watch(
+        [sys.executable, "-m", "dist_opt", "train", *_cfg(tmp_path), *ARGS, f"run.out_dir={run}"],
+        run,
+        tmp_path,
+    )
 
 
 @pytest.mark.timeout(200)
 def test_sigkill_of_torchrun_leaves_no_rank(tmp_path):
     run = tmp_path / "run"
-    _kill_launcher_and_watch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                              "-m", "dist_opt.train", *_cfg(tmp_path), *ARGS, f"run.out_dir={run}"], run, tmp_path)
+    _kill_launcher_and_watch(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "dist_opt.train",
+            *_cfg(tmp_path),
+            *ARGS,
+            f"run.out_dir={run}",
+        ],
+        run,
+        tmp_path,
+    )
 
 
 def _cfg(tmp_path: Path) -> list[str]:

@@ -30,8 +30,12 @@ def test_python_example_runs_on_two_ranks(tmp_path):
     code = block.replace("range(1000)", "range(5)").replace('"opt.pt"', repr(str(tmp_path / "opt.pt")))
     script = tmp_path / "example.py"
     script.write_text(code)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           str(script)], capture_output=True, text=True, timeout=110,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "opt.pt").exists()

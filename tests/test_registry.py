@@ -96,7 +96,9 @@ def test_bad_declarations_are_refused():
     with pytest.raises(ValueError, match="elementwise rule cannot"):
         register_rule(RuleSpec("liar", SignSGD, elementwise=True, trust_ratio=True))
     assert "sign_eps" not in declared_keys()
-    register_rule(RuleSpec("liar", SignSGD, hyper={"momentum": 0.0}, trust_ratio=True))  # the class says otherwise
+    register_rule(
+        RuleSpec("liar", SignSGD, hyper={"momentum": 0.0}, trust_ratio=True)
+    )  # the class says otherwise
     with pytest.raises(TypeError, match="declared trust_ratio=True but its rule has uses_trust_ratio=False"):
         build_rule("liar")
 
@@ -107,8 +109,9 @@ class WholeSignSGD(SignSGD):
 
 
 def _engine_problems(name: str, engine: str, stage: int) -> list[str]:
-    cfg = load_config(None, [f"optimizer.name={name}", f"distributed.engine={engine}",
-                             f"distributed.zero_stage={stage}"])
+    cfg = load_config(
+        None, [f"optimizer.name={name}", f"distributed.engine={engine}", f"distributed.zero_stage={stage}"]
+    )
     return [p for p in check_engine_combination(cfg, 2) if p.startswith("optimizer.name")]
 
 
@@ -150,15 +153,24 @@ def train_sharded(rank: int, world: int) -> dict[int, list[torch.Tensor]]:
     _register()
     out = {}
     for stage in (0, 1, 2):
-        cfg = load_config(None, ["optimizer.name=signsgd", f"optimizer.momentum={MU}", f"optimizer.weight_decay={WD}",
-                                 f"distributed.zero_stage={stage}"])
+        cfg = load_config(
+            None,
+            [
+                "optimizer.name=signsgd",
+                f"optimizer.momentum={MU}",
+                f"optimizer.weight_decay={WD}",
+                f"distributed.zero_stage={stage}",
+            ],
+        )
         model = make_model()
         opt = build_optimizer(model, cfg, LR)
         assert isinstance(opt.rule, SignSGD) and opt.rule.momentum == MU
         for step in range(STEPS):
             x, y = batch(step)
             m = x.shape[0] // world
-            nn.functional.mse_loss(model(x[rank * m:(rank + 1) * m]), y[rank * m:(rank + 1) * m]).backward()
+            nn.functional.mse_loss(
+                model(x[rank * m : (rank + 1) * m]), y[rank * m : (rank + 1) * m]
+            ).backward()
             assert opt.step() is True
             opt.zero_grad()
         out[stage] = [p.detach().clone() for p in model.parameters()]
@@ -189,5 +201,10 @@ def test_sharded_updates_equal_the_reference_on_1_and_2_ranks(world2):
         for rank, res in enumerate(per_rank):
             for stage, got in res.items():
                 for i, (a, b) in enumerate(zip(got, ref, strict=True)):
-                    torch.testing.assert_close(a, b, msg=lambda m, i=i, w=world, r=rank, s=stage:
-                                               f"param {i}, world {w}, rank {r}, stage {s}: {m}")
+                    torch.testing.assert_close(
+                        a,
+                        b,
+                        msg=lambda m, i=i, w=world, r=rank, s=stage: (
+                            f"param {i}, world {w}, rank {r}, stage {s}: {m}"
+                        ),
+                    )

@@ -70,8 +70,10 @@ def test_make_figure_several_metrics_and_samples_axis(two_runs):
 def test_main_writes_png_and_markdown(two_runs, tmp_path, capsys):
     dirs, exp = two_runs
     out, md = tmp_path / "plots" / "report.png", tmp_path / "summary.md"
-    rc = main([str(d) for d in dirs] + ["--out", str(out), "--metric", "loss", "--metric", "lr",
-                                        "--markdown", str(md)])
+    rc = main(
+        [str(d) for d in dirs]
+        + ["--out", str(out), "--metric", "loss", "--metric", "lr", "--markdown", str(md)]
+    )
     assert rc == 0, capsys.readouterr().err
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = md.read_text().splitlines()

@@ -19,12 +19,14 @@ BASE = 0.1
 
 
 def cfg_of(lr: float = BASE, global_batch: int = 256, steps: int = 50, **schedule) -> Config:
-    return Config.model_validate({
-        "optimizer": {"name": "sgd", "lr": lr},
-        "data": {"global_batch": global_batch, "micro_batch": global_batch},
-        "train": {"steps": steps},
-        "schedule": {"reference_batch": 256, **schedule},
-    })
+    return Config.model_validate(
+        {
+            "optimizer": {"name": "sgd", "lr": lr},
+            "data": {"global_batch": global_batch, "micro_batch": global_batch},
+            "train": {"steps": steps},
+            "schedule": {"reference_batch": 256, **schedule},
+        }
+    )
 
 
 def torch_per_step(make, n: int, base: float = BASE) -> list[float]:
@@ -45,6 +47,7 @@ def torch_per_epoch(make, epochs: int, base: float = BASE) -> list[float]:
 
 
 # --- each schedule vs its torch counterpart / closed form, at every step ------------------------
+
 
 def test_constant():
     assert lr_trace(cfg_of(name="constant"), None, 30) == [BASE] * 30
@@ -79,7 +82,9 @@ def test_cosine_equals_torch_and_closed_form():
     total, min_lr = 60, 0.01
     got = lr_trace(cfg_of(name="cosine", min_lr=min_lr), None, total)
     assert got == torch_per_step(lambda o: tls.CosineAnnealingLR(o, T_max=total, eta_min=min_lr), total)
-    closed = [min_lr + (BASE - min_lr) * (1 + math.cos(math.pi * (t - 1) / total)) / 2 for t in range(1, total + 1)]
+    closed = [
+        min_lr + (BASE - min_lr) * (1 + math.cos(math.pi * (t - 1) / total)) / 2 for t in range(1, total + 1)
+    ]
     assert got == pytest.approx(closed, rel=1e-12, abs=1e-15)
 
 
@@ -105,8 +110,9 @@ def test_polynomial_closed_form_and_torch():
 @pytest.mark.parametrize("d_model", [None, 64])
 def test_noam_closed_form(d_model):
     warmup, total, lr = 10, 60, 2.0
-    got = lr_trace(cfg_of(lr=lr, name="noam", warmup_steps=warmup, d_model=d_model, warmup_start_factor=0.5),
-                   None, total)
+    got = lr_trace(
+        cfg_of(lr=lr, name="noam", warmup_steps=warmup, d_model=d_model, warmup_start_factor=0.5), None, total
+    )
     d = 1.0 if d_model is None else d_model
     closed = [lr * d**-0.5 * min(t**-0.5, t * warmup**-1.5) for t in range(1, total + 1)]
     assert got == pytest.approx(closed, rel=1e-12)
@@ -137,6 +143,7 @@ def test_plateau_equals_reduce_on_plateau():
 
 # --- composition, scaling, groups ---------------------------------------------------------------
 
+
 def test_warmup_then_cosine_matches_linearlr_then_cosine():
     warmup, total, start = 8, 48, 0.25
     got = lr_trace(cfg_of(name="cosine", warmup_steps=warmup, warmup_start_factor=start), None, total)
@@ -150,8 +157,10 @@ def test_warmup_from_zero_then_polynomial_mlperf_form():
     warmup, total, power = 5, 30, 2.0
     got = lr_trace(cfg_of(name="polynomial", warmup_steps=warmup, power=power), None, total)
     # MLPerf LARS: global_step g (0-based); warmup base*g/W; then base*(1-(g-W)/(total-W))^2
-    ref = [BASE * g / warmup if g < warmup else BASE * (1 - (g - warmup) / (total - warmup)) ** power
-           for g in range(total)]
+    ref = [
+        BASE * g / warmup if g < warmup else BASE * (1 - (g - warmup) / (total - warmup)) ** power
+        for g in range(total)
+    ]
     assert got == pytest.approx(ref, rel=1e-12, abs=1e-15)
     assert got[0] == 0.0
 
@@ -162,7 +171,9 @@ def test_warmup_composes_with_any_schedule(name):
     extra = {"per_step": True, "step_size": 4} if name == "step" else {"T_0": 9}
     with_w = lr_trace(cfg_of(name=name, warmup_steps=warmup, warmup_start_factor=0.1, **extra), None, total)
     without = lr_trace(cfg_of(name=name, **extra), None, total)
-    assert with_w[:warmup] == pytest.approx([BASE * (0.1 + 0.9 * k / warmup) for k in range(warmup)], rel=1e-12)
+    assert with_w[:warmup] == pytest.approx(
+        [BASE * (0.1 + 0.9 * k / warmup) for k in range(warmup)], rel=1e-12
+    )
     assert with_w[warmup:] == without[: total - warmup]
 
 
@@ -189,7 +200,9 @@ def test_scale_rules(rule, factor):
     small = cfg_of(global_batch=128, scale_rule=rule, name="cosine", warmup_steps=3)
     big = cfg_of(global_batch=8 * 128, scale_rule=rule, name="cosine", warmup_steps=3)
     assert scaled_lr(big, 1024) / scaled_lr(small, 128) == pytest.approx(factor, rel=1e-12)
-    assert lr_trace(big, None, 20) == pytest.approx([factor * x for x in lr_trace(small, None, 20)], rel=1e-12)
+    assert lr_trace(big, None, 20) == pytest.approx(
+        [factor * x for x in lr_trace(small, None, 20)], rel=1e-12
+    )
     assert scaled_lr(cfg_of(scale_rule=rule), 256) == BASE  # the reference batch keeps optimizer.lr
 
 
@@ -229,8 +242,13 @@ def test_override_composes_with_the_schedule_which_keeps_its_clock():
     """The schedule stays the only writer of the lr: an override maps its lrs at every write, its own
     lrs (and clock) go on underneath, and removing the override gives them back unchanged."""
     c = cfg_of(name="cosine", warmup_steps=3, min_lr=0.001)
-    opt = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)]},
-                           {"params": [torch.zeros(1, requires_grad=True)], "lr_mult": 2.0}], lr=1.0)
+    opt = torch.optim.SGD(
+        [
+            {"params": [torch.zeros(1, requires_grad=True)]},
+            {"params": [torch.zeros(1, requires_grad=True)], "lr_mult": 2.0},
+        ],
+        lr=1.0,
+    )
     sched = build_schedule(c, opt, None, 20)
     own = lr_trace(c, None, 20)
     written = []
@@ -271,8 +289,13 @@ def test_state_dict_round_trip_mid_run(case):
     losses = [1.0, 0.8, 0.85, 0.9, 0.95, 0.7, 0.75, 0.8, 0.82, 0.9]
 
     def make():
-        opt = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)]},
-                               {"params": [torch.zeros(1, requires_grad=True)], "lr_mult": 3.0}], lr=1.0)
+        opt = torch.optim.SGD(
+            [
+                {"params": [torch.zeros(1, requires_grad=True)]},
+                {"params": [torch.zeros(1, requires_grad=True)], "lr_mult": 3.0},
+            ],
+            lr=1.0,
+        )
         return opt, build_schedule(c, opt, spe, total)
 
     def run(sched, opt, steps, out):
@@ -314,12 +337,16 @@ def test_load_state_dict_rejects_other_schedule():
 
 # --- bad settings -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw,spe,field", [
-    (dict(name="step"), None, "schedule.per_step"),
-    (dict(name="multistep", per_step=True), None, "schedule.milestones"),
-    (dict(name="plateau", gamma=1.5), None, "schedule.gamma"),
-    (dict(name="cosine", min_lr=1.0), None, "schedule.min_lr"),
-])
+
+@pytest.mark.parametrize(
+    "kw,spe,field",
+    [
+        (dict(name="step"), None, "schedule.per_step"),
+        (dict(name="multistep", per_step=True), None, "schedule.milestones"),
+        (dict(name="plateau", gamma=1.5), None, "schedule.gamma"),
+        (dict(name="cosine", min_lr=1.0), None, "schedule.min_lr"),
+    ],
+)
 def test_bad_settings_name_the_key(kw, spe, field):
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     with pytest.raises(ConfigError) as err:
@@ -328,6 +355,7 @@ def test_bad_settings_name_the_key(kw, spe, field):
 
 
 # --- CLI ------------------------------------------------------------------------------------
+
 
 def write_cfg(tmp_path, text: str):
     p = tmp_path / "c.yaml"
@@ -371,23 +399,32 @@ def test_plot_lr_draws_the_trace(tmp_path):
 
 def test_cli_epochs_with_steps_per_epoch(tmp_path, capsys):
     cfg_path = write_cfg(tmp_path, BASE_YAML.replace("train: {steps: 200}", "train: {epochs: 6}"))
-    rc = schedule_main([str(cfg_path), "schedule.name=step", "schedule.step_size=2", "--steps-per-epoch", "7"])
+    rc = schedule_main(
+        [str(cfg_path), "schedule.name=step", "schedule.step_size=2", "--steps-per-epoch", "7"]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "42 steps" in out and "7 steps/epoch" in out
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["{missing}"], "file not found"),
-    (["{cfg}", "schedule.nmae=cosine"], "schedule.nmae: unknown key"),
-    (["{cfg}", "schedule.name=linear"], "schedule.name"),
-    (["{cfg}", "schedule.name=plateau", "schedule.gamma=2"], "schedule.gamma"),
-    (["{cfg}", "--plot", "{nodir}/lr.png"], "does not exist"),
-    (["{cfg}", "--steps-per-epoch", "0"], "--steps-per-epoch"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["{missing}"], "file not found"),
+        (["{cfg}", "schedule.nmae=cosine"], "schedule.nmae: unknown key"),
+        (["{cfg}", "schedule.name=linear"], "schedule.name"),
+        (["{cfg}", "schedule.name=plateau", "schedule.gamma=2"], "schedule.gamma"),
+        (["{cfg}", "--plot", "{nodir}/lr.png"], "does not exist"),
+        (["{cfg}", "--steps-per-epoch", "0"], "--steps-per-epoch"),
+    ],
+)
 def test_cli_bad_input_exits_2(tmp_path, capsys, args, needle):
     cfg_path = write_cfg(tmp_path, BASE_YAML)
-    subs = {"cfg": str(cfg_path), "missing": str(tmp_path / "nope.yaml"), "nodir": str(tmp_path / "no" / "dir")}
+    subs = {
+        "cfg": str(cfg_path),
+        "missing": str(tmp_path / "nope.yaml"),
+        "nodir": str(tmp_path / "no" / "dir"),
+    }
     rc = schedule_main([a.format(**subs) for a in args])
     err = capsys.readouterr().err
     assert rc == 2

@@ -51,7 +51,9 @@ def make_model(dtype: torch.dtype = torch.float64) -> Net:
     m = Net().to(dtype)
     with torch.no_grad():
         for name, p in m.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.5 + (1.0 if name == "ln.weight" else 0.0))
+            p.copy_(
+                torch.randn(p.shape, generator=g, dtype=dtype) * 0.5 + (1.0 if name == "ln.weight" else 0.0)
+            )
     return m
 
 
@@ -61,27 +63,59 @@ def batch(step: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, 
 
 
 CONFIGS = {
-    "adam": dict(betas=(0.9, 0.99), grafting="adam", start_preconditioning_step=2, precondition_frequency=3,
-                 preconditioner_dtype="float64", eps=1e-10),
-    "rmsprop_nesterov_sum": dict(betas=(0.5, 1.0), grafting="rmsprop", grafting_beta2=0.9, nesterov=True,
-                                 start_preconditioning_step=1, precondition_frequency=2, exponent_override=0.3,
-                                 preconditioner_dtype="float64", eps=1e-8),
-    "none": dict(betas=(0.0, 0.95), grafting="none", start_preconditioning_step=3, precondition_frequency=4,
-                 preconditioner_dtype="float64", eps=1e-6),
+    "adam": dict(
+        betas=(0.9, 0.99),
+        grafting="adam",
+        start_preconditioning_step=2,
+        precondition_frequency=3,
+        preconditioner_dtype="float64",
+        eps=1e-10,
+    ),
+    "rmsprop_nesterov_sum": dict(
+        betas=(0.5, 1.0),
+        grafting="rmsprop",
+        grafting_beta2=0.9,
+        nesterov=True,
+        start_preconditioning_step=1,
+        precondition_frequency=2,
+        exponent_override=0.3,
+        preconditioner_dtype="float64",
+        eps=1e-8,
+    ),
+    "none": dict(
+        betas=(0.0, 0.95),
+        grafting="none",
+        start_preconditioning_step=3,
+        precondition_frequency=4,
+        preconditioner_dtype="float64",
+        eps=1e-6,
+    ),
 }
 LRS = {"adam": 0.02, "rmsprop_nesterov_sum": 0.01, "none": 0.002}
 
 
-def train(rank: int, world: int, cfg: str, steps: int = STEPS, start: dict | None = None,
-          dtype: torch.dtype = torch.float64) -> dict:
+def train(
+    rank: int,
+    world: int,
+    cfg: str,
+    steps: int = STEPS,
+    start: dict | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> dict:
     """Train on the engine; ``start`` = {"params": [...], "opt": merged shard_state_dict} resumes."""
     model = make_model(dtype)
     if start is not None:
         with torch.no_grad():
             for p, v in zip(model.parameters(), start["params"], strict=True):
                 p.copy_(v)
-    opt = ShardedOptimizer(model.named_parameters(), "shampoo", lr=LRS[cfg], weight_decay=WD,
-                           max_preconditioner_dim=MAX_DIM, **CONFIGS[cfg])
+    opt = ShardedOptimizer(
+        model.named_parameters(),
+        "shampoo",
+        lr=LRS[cfg],
+        weight_decay=WD,
+        max_preconditioner_dim=MAX_DIM,
+        **CONFIGS[cfg],
+    )
     first = 0
     if start is not None:
         opt.load_state_dict(start["opt"])
@@ -90,15 +124,22 @@ def train(rank: int, world: int, cfg: str, steps: int = STEPS, start: dict | Non
     stats = []
     for step in range(first, first + steps):
         x, y = batch(step, dtype)
-        loss = nn.functional.mse_loss(model(x[rank * micro:(rank + 1) * micro]), y[rank * micro:(rank + 1) * micro])
+        loss = nn.functional.mse_loss(
+            model(x[rank * micro : (rank + 1) * micro]), y[rank * micro : (rank + 1) * micro]
+        )
         loss.backward()
         assert opt.step() is True
         opt.zero_grad()
         stats.append(dict(opt.last_stats))
     rule = opt.rule
-    return {"params": [p.detach().clone() for p in model.parameters()], "opt": opt.shard_state_dict(),
-            "owned": [b.key for b in rule.owned], "all": [b.key for b in rule.plan],
-            "bytes": rule.state_bytes(), "stats": stats}
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "opt": opt.shard_state_dict(),
+        "owned": [b.key for b in rule.owned],
+        "all": [b.key for b in rule.plan],
+        "bytes": rule.state_bytes(),
+        "stats": stats,
+    }
 
 
 # -- the dense reference -------------------------------------------------------------------------
@@ -120,7 +161,7 @@ def ref_cells(shape: tuple[int, ...], max_dim: int) -> tuple[tuple[int, ...], li
 def ref_root(h: torch.Tensor, e: float, eps: float) -> torch.Tensor:
     lam, q = torch.linalg.eigh(h + eps * torch.eye(len(h), dtype=h.dtype))
     lam = lam.clamp(min=len(h) * torch.finfo(h.dtype).eps * float(lam.max()))
-    return q @ torch.diag(lam ** -e) @ q.T
+    return q @ torch.diag(lam**-e) @ q.T
 
 
 def mode_apply(x: torch.Tensor, mat: torch.Tensor, i: int) -> torch.Tensor:
@@ -130,14 +171,32 @@ def mode_apply(x: torch.Tensor, mat: torch.Tensor, i: int) -> torch.Tensor:
 
 
 class RefShampoo:
-    def __init__(self, named, lr, wd, max_dim, betas=(0.9, 1.0), eps=1e-12, precondition_frequency=20,
-                 start_preconditioning_step=1, exponent_override=None, grafting="adam", grafting_beta2=0.999,
-                 grafting_eps=1e-8, nesterov=False, preconditioner_dtype="float64"):
+    def __init__(
+        self,
+        named,
+        lr,
+        wd,
+        max_dim,
+        betas=(0.9, 1.0),
+        eps=1e-12,
+        precondition_frequency=20,
+        start_preconditioning_step=1,
+        exponent_override=None,
+        grafting="adam",
+        grafting_beta2=0.999,
+        grafting_eps=1e-8,
+        nesterov=False,
+        preconditioner_dtype="float64",
+    ):
         self.named, self.lr, self.max_dim = list(named), lr, max_dim
         self.wd = {n: 0.0 if p.ndim <= 1 or any(k in n for k in NO_WD) else wd for n, p in self.named}
         self.b1, self.b2 = betas
-        self.eps, self.f, self.start, self.e_over = eps, precondition_frequency, start_preconditioning_step, \
-            exponent_override
+        self.eps, self.f, self.start, self.e_over = (
+            eps,
+            precondition_frequency,
+            start_preconditioning_step,
+            exponent_override,
+        )
         self.graft, self.gb2, self.geps, self.nesterov = grafting, grafting_beta2, grafting_eps, nesterov
         self.t = 0
         self.st: dict = {}
@@ -148,12 +207,20 @@ class RefShampoo:
         t, b1 = self.t, self.b1
         for name, p in self.named:
             cells = ref_cells(tuple(p.shape), self.max_dim)
-            merged, slices = (tuple(p.shape), [tuple(slice(None) for _ in p.shape)]) if cells is None else cells
+            merged, slices = (
+                (tuple(p.shape), [tuple(slice(None) for _ in p.shape)]) if cells is None else cells
+            )
             for k, sl in enumerate(slices):
                 g = p.grad.reshape(merged)[sl].clone()
-                s = self.st.setdefault((name, k), {"m": torch.zeros_like(g), "a": torch.zeros_like(g),
-                                                   "h": [torch.zeros(d, d, dtype=g.dtype) for d in g.shape],
-                                                   "r": [torch.eye(d, dtype=g.dtype) for d in g.shape]})
+                s = self.st.setdefault(
+                    (name, k),
+                    {
+                        "m": torch.zeros_like(g),
+                        "a": torch.zeros_like(g),
+                        "h": [torch.zeros(d, d, dtype=g.dtype) for d in g.shape],
+                        "r": [torch.eye(d, dtype=g.dtype) for d in g.shape],
+                    },
+                )
                 s["m"] = b1 * s["m"] + (1 - b1) * g
                 if self.nesterov:
                     m = b1 * s["m"] / (1 - b1 ** (t + 1)) + (1 - b1) * g / (1 - b1**t)
@@ -176,7 +243,9 @@ class RefShampoo:
                     for i in range(order):
                         gi = g.movedim(i, 0).reshape(g.shape[i], -1)
                         gg = gi @ gi.T
-                        s["h"][i] = s["h"][i] + gg if self.b2 == 1 else self.b2 * s["h"][i] + (1 - self.b2) * gg
+                        s["h"][i] = (
+                            s["h"][i] + gg if self.b2 == 1 else self.b2 * s["h"][i] + (1 - self.b2) * gg
+                        )
                     if t >= self.start:
                         if (t - self.start) % self.f == 0:
                             e = self.e_over if self.e_over is not None else 1 / (2 * order)
@@ -225,7 +294,9 @@ def test_ranks_equal_dense_reference(runs, cfg, world):
     ref = runs["ref"][cfg]
     for rank, res in enumerate(runs[world]):
         for i, (a, b) in enumerate(zip(res[cfg]["params"], ref, strict=True)):
-            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=lambda m, i=i, r=rank: f"param {i} rank {r}: {m}")
+            torch.testing.assert_close(
+                a, b, rtol=1e-7, atol=1e-9, msg=lambda m, i=i, r=rank: f"param {i} rank {r}: {m}"
+            )
         assert not torch.equal(res[cfg]["params"][0], make_model().fc1.weight)  # it trained
     for res in runs[world][1:]:  # every rank ends each step with bit-identical parameters
         for a, b in zip(res[cfg]["params"], runs[world][0][cfg]["params"], strict=True):
@@ -250,8 +321,9 @@ def test_health_stats_reported(runs):
             last = r["adam"]["stats"][-1]
             assert last["shampoo/root_failures"] == 0
             assert 1.0 < last["shampoo/max_condition"] < math.inf
-            assert last["shampoo/max_condition"] == pytest.approx(runs[1][0]["adam"]["stats"][-1]["shampoo/max_condition"],
-                                                                  rel=1e-6)
+            assert last["shampoo/max_condition"] == pytest.approx(
+                runs[1][0]["adam"]["stats"][-1]["shampoo/max_condition"], rel=1e-6
+            )
 
 
 # -- reductions to the graft method ---------------------------------------------------------------
@@ -261,13 +333,21 @@ def _torch_pair(opt_factory, shampoo_hp: dict, lr: float, wd: float, steps: int 
     for which in ("shampoo", "torch"):
         model = make_model(torch.float32)
         if which == "shampoo":
-            opt = ShardedOptimizer(model.named_parameters(), "shampoo", lr=lr, weight_decay=wd,
-                                   start_preconditioning_step=10**9, **shampoo_hp)
+            opt = ShardedOptimizer(
+                model.named_parameters(),
+                "shampoo",
+                lr=lr,
+                weight_decay=wd,
+                start_preconditioning_step=10**9,
+                **shampoo_hp,
+            )
         else:
             named = list(model.named_parameters())
             decay = [p for n, p in named if p.ndim > 1 and not any(k in n for k in NO_WD)]
             rest = [p for n, p in named if not (p.ndim > 1 and not any(k in n for k in NO_WD))]
-            opt = opt_factory([{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}], lr)
+            opt = opt_factory(
+                [{"params": decay, "weight_decay": wd}, {"params": rest, "weight_decay": 0.0}], lr
+            )
         for step in range(steps):
             x, y = batch(step, torch.float32)
             if which == "torch":
@@ -281,15 +361,32 @@ def _torch_pair(opt_factory, shampoo_hp: dict, lr: float, wd: float, steps: int 
 
 
 GRAFT_CASES = {
-    "adamw": (lambda g, lr: torch.optim.AdamW(g, lr=lr, betas=(0.9, 0.999), eps=1e-8),
-              dict(betas=(0.9, 1.0), grafting="adam", grafting_beta2=0.999, grafting_eps=1e-8), 0.01, WD),
-    "nadamw": (lambda g, lr: torch.optim.NAdam(g, lr=lr, betas=(0.8, 0.99), eps=1e-8, momentum_decay=1e9,
-                                               decoupled_weight_decay=True),
-               dict(betas=(0.8, 1.0), grafting="adam", grafting_beta2=0.99, grafting_eps=1e-8, nesterov=True), 0.01, WD),
-    "adagrad": (lambda g, lr: torch.optim.Adagrad(g, lr=lr, eps=1e-10),
-                dict(betas=(0.0, 1.0), grafting="adagrad", grafting_eps=1e-10), 0.05, 0.0),
-    "rmsprop": (lambda g, lr: torch.optim.RMSprop(g, lr=lr, alpha=0.9, eps=1e-8),
-                dict(betas=(0.0, 1.0), grafting="rmsprop", grafting_beta2=0.9, grafting_eps=1e-8), 0.003, 0.0),
+    "adamw": (
+        lambda g, lr: torch.optim.AdamW(g, lr=lr, betas=(0.9, 0.999), eps=1e-8),
+        dict(betas=(0.9, 1.0), grafting="adam", grafting_beta2=0.999, grafting_eps=1e-8),
+        0.01,
+        WD,
+    ),
+    "nadamw": (
+        lambda g, lr: torch.optim.NAdam(
+            g, lr=lr, betas=(0.8, 0.99), eps=1e-8, momentum_decay=1e9, decoupled_weight_decay=True
+        ),
+        dict(betas=(0.8, 1.0), grafting="adam", grafting_beta2=0.99, grafting_eps=1e-8, nesterov=True),
+        0.01,
+        WD,
+    ),
+    "adagrad": (
+        lambda g, lr: torch.optim.Adagrad(g, lr=lr, eps=1e-10),
+        dict(betas=(0.0, 1.0), grafting="adagrad", grafting_eps=1e-10),
+        0.05,
+        0.0,
+    ),
+    "rmsprop": (
+        lambda g, lr: torch.optim.RMSprop(g, lr=lr, alpha=0.9, eps=1e-8),
+        dict(betas=(0.0, 1.0), grafting="rmsprop", grafting_beta2=0.9, grafting_eps=1e-8),
+        0.003,
+        0.0,
+    ),
     "sgd": (lambda g, lr: torch.optim.SGD(g, lr=lr), dict(betas=(0.0, 1.0), grafting="sgd"), 0.05, WD),
 }
 
@@ -318,12 +415,25 @@ def test_exponent_is_one_over_2k_for_order_k(shape):
         grad = torch.tensordot(grad, v, dims=0)
     grad = grad * 3.0
     for override, expect_norm in ((None, 1.0), (0.25, float(grad.norm()) ** (1 - k / 2))):
-        rule = Shampoo(betas=(0.0, 1.0), grafting="none", eps=0.0, preconditioner_dtype="float64",
-                       max_preconditioner_dim=max(shape), exponent_override=override)
+        rule = Shampoo(
+            betas=(0.0, 1.0),
+            grafting="none",
+            eps=0.0,
+            preconditioner_dtype="float64",
+            max_preconditioner_dim=max(shape),
+            exponent_override=override,
+        )
         param = torch.zeros(grad.numel(), dtype=torch.float64)
-        shape_param = shape if k > 1 else (1, shape[0])  # a 1-D parameter would be graft-only; (1, n) merges to order 1
-        grp = GroupShard(hp={"lr": 1.0, "weight_decay": 0.0}, layers=[0], params=[param],
-                         grads=[grad.reshape(-1).clone()], shapes=[shape_param])
+        shape_param = (
+            shape if k > 1 else (1, shape[0])
+        )  # a 1-D parameter would be graft-only; (1, n) merges to order 1
+        grp = GroupShard(
+            hp={"lr": 1.0, "weight_decay": 0.0},
+            layers=[0],
+            params=[param],
+            grads=[grad.reshape(-1).clone()],
+            shapes=[shape_param],
+        )
         rule.step([grp], local_context(1, 1, ["w"]))
         assert rule.exponent(k) == pytest.approx(override or 1 / (2 * k))
         assert float(param.norm()) == pytest.approx(expect_norm, rel=1e-6)
@@ -339,10 +449,14 @@ def test_inverse_fourth_root_of_well_conditioned_matrix(dtype, tol):
     res = inverse_root(x, 0.25, eps=0.0)
     assert res.ok and 1 < res.condition < 20
     r = res.root.double()
-    err = torch.linalg.matrix_norm(torch.linalg.matrix_power(r, 4) @ x.double() - torch.eye(40, dtype=torch.float64))
+    err = torch.linalg.matrix_norm(
+        torch.linalg.matrix_power(r, 4) @ x.double() - torch.eye(40, dtype=torch.float64)
+    )
     assert float(err) < tol
     half = inverse_root(x, 0.5, eps=0.0).root.double()
-    torch.testing.assert_close(half @ x.double() @ half, torch.eye(40, dtype=torch.float64), rtol=0, atol=tol * 10)
+    torch.testing.assert_close(
+        half @ x.double() @ half, torch.eye(40, dtype=torch.float64), rtol=0, atol=tol * 10
+    )
 
 
 def test_root_of_singular_statistic_is_finite():
@@ -364,8 +478,15 @@ def test_inverse_root_reports_failure_on_non_finite_input(bad):
 
 def _failure_run(rank: int, world: int) -> dict:
     model = make_model(torch.float32)
-    opt = ShardedOptimizer(model.named_parameters(), "shampoo", lr=0.01, weight_decay=WD, max_preconditioner_dim=MAX_DIM,
-                           precondition_frequency=2, start_preconditioning_step=1)
+    opt = ShardedOptimizer(
+        model.named_parameters(),
+        "shampoo",
+        lr=0.01,
+        weight_decay=WD,
+        max_preconditioner_dim=MAX_DIM,
+        precondition_frequency=2,
+        start_preconditioning_step=1,
+    )
     rule = opt.rule
     target = "fc2.weight/3"
     out: dict = {}
@@ -419,8 +540,9 @@ def test_merge_and_split_dims():
     assert not block_layer((1, 5), 4).diagonal
 
 
-@pytest.mark.parametrize("shape,max_dim", [((13, 7), 4), ((3, 4, 5), 4), ((2, 2, 5), 4), ((9,), 2), ((1, 6, 1), 4),
-                                           ((6, 10), 100)])
+@pytest.mark.parametrize(
+    "shape,max_dim", [((13, 7), 4), ((3, 4, 5), 4), ((2, 2, 5), 4), ((9,), 2), ((1, 6, 1), 4), ((6, 10), 100)]
+)
 def test_blocks_partition_the_tensor(shape, max_dim):
     x = torch.arange(math.prod(shape), dtype=torch.float64)
     lay = block_layer(shape, max_dim)
@@ -441,7 +563,10 @@ def test_cost_model():
 @pytest.mark.parametrize("world", [2, 3, 8])
 def test_assignment_is_balanced(world):
     rnd = random.Random(world)
-    shapes = [(rnd.choice([16, 64, 128, 256, 512, 1024]), rnd.choice([16, 64, 128, 256, 512, 1024])) for _ in range(300)]
+    shapes = [
+        (rnd.choice([16, 64, 128, 256, 512, 1024]), rnd.choice([16, 64, 128, 256, 512, 1024]))
+        for _ in range(300)
+    ]
     costs = [block_cost(s, False, 100) for s in shapes]
     owners = assign(costs, world)
     assert owners == assign(costs, world)  # deterministic: every rank computes the same plan
@@ -474,14 +599,22 @@ def test_state_dict_round_trip_across_world_sizes(runs, world2, world3):
     start = _merged_state(half)
     assert set(start["opt"]["rule_state"]) == set(half[0]["all"])
     full = runs[1][0][cfg]["params"]  # uninterrupted, one rank
-    for res in ([_resume(0, 1, cfg, start, STEPS - STEPS // 2)], world3.run(_resume, cfg, start, STEPS - STEPS // 2),
-                world2.run(_resume, cfg, start, STEPS - STEPS // 2)):
+    for res in (
+        [_resume(0, 1, cfg, start, STEPS - STEPS // 2)],
+        world3.run(_resume, cfg, start, STEPS - STEPS // 2),
+        world2.run(_resume, cfg, start, STEPS - STEPS // 2),
+    ):
         for r in res:
             for a, b in zip(r["params"], full, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
     # a fresh optimizer (no state loaded) would diverge from it: the state mattered
-    fresh = train(0, 1, cfg, steps=STEPS - STEPS // 2, start={"params": start["params"],
-                                                              "opt": {**start["opt"], "rule_state": {}}})
+    fresh = train(
+        0,
+        1,
+        cfg,
+        steps=STEPS - STEPS // 2,
+        start={"params": start["params"], "opt": {**start["opt"], "rule_state": {}}},
+    )
     assert not torch.allclose(fresh["params"][0], full[0], rtol=1e-6, atol=1e-8)
 
 
@@ -495,9 +628,13 @@ def test_loading_state_of_another_blocking_is_an_error():
 
 # -- config plumbing ------------------------------------------------------------------------------
 def test_registry_builds_shampoo_with_defaults_and_validates():
-    rule = build_rule("shampoo", betas=None, eps=None, max_preconditioner_dim=None, grafting="adagrad", lr=0.1)
+    rule = build_rule(
+        "shampoo", betas=None, eps=None, max_preconditioner_dim=None, grafting="adagrad", lr=0.1
+    )
     assert isinstance(rule, Shampoo) and rule.replicated_pieces
-    assert rule.betas == (0.9, 1.0) and rule.eps == 1e-12 and rule.max_dim == 1024 and rule.grafting == "adagrad"
+    assert (
+        rule.betas == (0.9, 1.0) and rule.eps == 1e-12 and rule.max_dim == 1024 and rule.grafting == "adagrad"
+    )
     assert rule.frequency == 20 and rule.start == 1 and rule.pdtype == torch.float32
     with pytest.raises(ValueError, match="optimizer.grafting"):
         build_shampoo(grafting="adafactor")
@@ -512,7 +649,9 @@ def _steps_to_target(name: str, lr: float, target: float, max_steps: int = 400, 
     from dist_opt.config.schema import TaskConfig
     from dist_opt.tasks import build_task
 
-    task = build_task(TaskConfig(name="synthetic", kind="regression", condition_number=1e3, dim=32, noise=0.1), 0)
+    task = build_task(
+        TaskConfig(name="synthetic", kind="regression", condition_number=1e3, dim=32, noise=0.1), 0
+    )
     model = task.build_model()
     opt = ShardedOptimizer(model.named_parameters(), name, lr=lr, **hp)
     ev = task.eval_batch(torch.arange(2048))
@@ -550,7 +689,9 @@ def test_gram_update_matches_dense_formula(dtype, layout, use_blas):
     h = gram_update_(h0.clone(), x, 0.3, 0.7, use_blas=use_blas)
     want = 0.7 * h0 + 0.3 * x @ x.T
     tol = 1e-5 if dtype == torch.float32 else 1e-12
-    torch.testing.assert_close(torch.tril(h), torch.tril(want), rtol=tol, atol=tol)  # the lower triangle is exact
+    torch.testing.assert_close(
+        torch.tril(h), torch.tril(want), rtol=tol, atol=tol
+    )  # the lower triangle is exact
     torch.testing.assert_close(symmetrize_(h), want, rtol=tol, atol=tol)
 
 

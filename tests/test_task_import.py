@@ -22,7 +22,7 @@ from dist_opt.tasks.digits import DigitsTask
 
 ROOT = Path(__file__).resolve().parents[1]
 
-MODULE = '''
+MODULE = """
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -79,7 +79,7 @@ class Abstract(Task):
 
 
 NUMBER = 3
-'''
+"""
 
 
 @pytest.fixture
@@ -115,23 +115,44 @@ def test_a_task_subclass_is_built_with_config_and_seed_and_sees_the_options(user
     assert str(user_dir) in sys.path  # the working directory was put on sys.path, as python -m does
 
 
-@pytest.mark.parametrize("name, seed_seen", [
-    ("mytasks:build", 5), ("mytasks:build_cfg_only", -1), ("mytasks:Holder.build", 5), ("mytasks:build_nothing", None),
-])
+@pytest.mark.parametrize(
+    "name, seed_seen",
+    [
+        ("mytasks:build", 5),
+        ("mytasks:build_cfg_only", -1),
+        ("mytasks:Holder.build", 5),
+        ("mytasks:build_nothing", None),
+    ],
+)
 def test_a_callable_may_take_config_and_seed_or_fewer_arguments(user_dir, name, seed_seen):
     task = build_task(cfg(name), 5)
     assert task.train_size in (32, 64)
     assert getattr(task, "got_seed", None) == seed_seen
 
 
-@pytest.mark.parametrize("name, message", [
-    ("nope_mod:Task", "task.name: cannot import 'nope_mod:Task': No module named 'nope_mod'"),
-    ("mytasks:Missing", "task.name: cannot import 'mytasks:Missing': module 'mytasks' has no attribute 'Missing'"),
-    ("broken_tasks:X", "task.name: cannot import 'broken_tasks:X': ZeroDivisionError: division by zero"),
-    ("mytasks:NotATask", "task.name: 'mytasks:NotATask' is not a Task subclass or a callable returning one"),
-    ("mytasks:NUMBER", "task.name: 'mytasks:NUMBER' is not a Task subclass or a callable returning one (it is a int)"),
-    ("mytasks:Abstract", "task.name: 'mytasks:Abstract' is an abstract Task (it does not implement build_model, "),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("nope_mod:Task", "task.name: cannot import 'nope_mod:Task': No module named 'nope_mod'"),
+        (
+            "mytasks:Missing",
+            "task.name: cannot import 'mytasks:Missing': module 'mytasks' has no attribute 'Missing'",
+        ),
+        ("broken_tasks:X", "task.name: cannot import 'broken_tasks:X': ZeroDivisionError: division by zero"),
+        (
+            "mytasks:NotATask",
+            "task.name: 'mytasks:NotATask' is not a Task subclass or a callable returning one",
+        ),
+        (
+            "mytasks:NUMBER",
+            "task.name: 'mytasks:NUMBER' is not a Task subclass or a callable returning one (it is a int)",
+        ),
+        (
+            "mytasks:Abstract",
+            "task.name: 'mytasks:Abstract' is an abstract Task (it does not implement build_model, ",
+        ),
+    ],
+)
 def test_unusable_import_paths_are_one_line_config_errors(user_dir, name, message):
     with pytest.raises(TaskNameError) as e:
         resolve_task(name)
@@ -141,9 +162,13 @@ def test_unusable_import_paths_are_one_line_config_errors(user_dir, name, messag
 
 
 def test_what_a_callable_returns_and_accepts_is_checked_when_building(user_dir):
-    with pytest.raises(TaskNameError, match=r"^config error: task.name: 'mytasks:not_a_task' returned a int, not a Task$"):
+    with pytest.raises(
+        TaskNameError, match=r"^config error: task.name: 'mytasks:not_a_task' returned a int, not a Task$"
+    ):
         build_task(cfg("mytasks:not_a_task"), 0)
-    with pytest.raises(TaskNameError, match=r"'mytasks:needs_three' must accept \(task_config, seed\), \(task_config\)"):
+    with pytest.raises(
+        TaskNameError, match=r"'mytasks:needs_three' must accept \(task_config, seed\), \(task_config\)"
+    ):
         build_task(cfg("mytasks:needs_three"), 0)
 
 
@@ -152,13 +177,17 @@ def test_task_name_accepts_builtins_and_import_paths(name):
     assert TaskConfig(name=name).name == name
 
 
-@pytest.mark.parametrize("name", ["mnist", "mod:", ":build", "a b:c", "1mod:x", "mod:x:y", "mod.:x", "my-mod:X"])
+@pytest.mark.parametrize(
+    "name", ["mnist", "mod:", ":build", "a b:c", "1mod:x", "mod:x:y", "mod.:x", "my-mod:X"]
+)
 def test_task_name_rejects_anything_else_in_one_line(name):
     with pytest.raises(ConfigError) as e:
         validate({"task": {"name": name}})
     assert len(e.value.problems) == 1
-    assert e.value.problems[0].startswith("task.name: Input should be a built-in task (stdlib_lm, digits, synthetic) "
-                                          "or an import path 'package.module:attribute'")
+    assert e.value.problems[0].startswith(
+        "task.name: Input should be a built-in task (stdlib_lm, digits, synthetic) "
+        "or an import path 'package.module:attribute'"
+    )
 
 
 def test_task_options_is_a_free_mapping_set_by_yaml_or_override():
@@ -169,10 +198,16 @@ def test_task_options_is_a_free_mapping_set_by_yaml_or_override():
 
 # -- end to end through the command line -----------------------------------------------------------
 def write_config(tmp_path: Path, name: str, out: str, **extra) -> Path:
-    tree = {"run": {"out_dir": out, "seed": 0}, "task": {"name": name, "options": {"samples": 256}},
-            "data": {"global_batch": 32, "micro_batch": 16}, "train": {"steps": 24, "progress": False, "eval_every": 8},
-            "optimizer": {"name": "adamw", "lr": 0.05}, "distributed": {"nproc": 1},
-            "checkpoint": {"at_end": False}, "tracking": {"wandb": {"mode": "disabled"}, "noise_scale": False}}
+    tree = {
+        "run": {"out_dir": out, "seed": 0},
+        "task": {"name": name, "options": {"samples": 256}},
+        "data": {"global_batch": 32, "micro_batch": 16},
+        "train": {"steps": 24, "progress": False, "eval_every": 8},
+        "optimizer": {"name": "adamw", "lr": 0.05},
+        "distributed": {"nproc": 1},
+        "checkpoint": {"at_end": False},
+        "tracking": {"wandb": {"mode": "disabled"}, "noise_scale": False},
+    }
     for key, value in extra.items():
         section, _, k = key.partition("__")
         tree[section][k] = value
@@ -189,8 +224,10 @@ def run_cli(tmp_path: Path, args: list[str], timeout: int = 240) -> subprocess.C
 @pytest.mark.timeout(600)
 def test_train_a_task_from_a_module_in_the_working_directory(tmp_path):
     (tmp_path / "mytasks.py").write_text(MODULE)
-    one = run_cli(tmp_path, [sys.executable, "-m", "dist_opt.train", str(write_config(tmp_path, "mytasks:ClassTask",
-                                                                                       "one"))])
+    one = run_cli(
+        tmp_path,
+        [sys.executable, "-m", "dist_opt.train", str(write_config(tmp_path, "mytasks:ClassTask", "one"))],
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     summary = json.loads((tmp_path / "one" / "summary.json").read_text())
     assert summary["steps"] == 24 and summary["eval/accuracy"] > 0.8  # a learnable teacher: it did train
@@ -199,8 +236,10 @@ def test_train_a_task_from_a_module_in_the_working_directory(tmp_path):
     # directory; torchrun's ranks run `python -m dist_opt.train` there): the same model as one rank
     script = Path(sys.executable).with_name("dist-opt")
     launcher = [str(script)] if script.exists() else [sys.executable, "-m", "dist_opt.cli"]
-    two = run_cli(tmp_path, [*launcher, "train", str(write_config(tmp_path, "mytasks:build", "two",
-                                                                  distributed__nproc=2))])
+    two = run_cli(
+        tmp_path,
+        [*launcher, "train", str(write_config(tmp_path, "mytasks:build", "two", distributed__nproc=2))],
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     a = torch.load(tmp_path / "one" / "final_params.pt", weights_only=True)
     b = torch.load(tmp_path / "two" / "final_params.pt", weights_only=True)
@@ -212,5 +251,8 @@ def test_an_unimportable_task_exits_2_with_one_line_before_any_rank_starts(tmp_p
     bad = write_config(tmp_path, "nope_mod:Task", "bad", distributed__nproc=2)
     proc = run_cli(tmp_path, [sys.executable, "-m", "dist_opt.train", str(bad)])
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "config error: task.name: cannot import 'nope_mod:Task': No module named 'nope_mod'"
+    assert (
+        proc.stderr.strip()
+        == "config error: task.name: cannot import 'nope_mod:Task': No module named 'nope_mod'"
+    )
     assert not (tmp_path / "bad").exists()

@@ -50,7 +50,10 @@ def test_unknown_task_name_is_an_error_naming_the_key():
 
 def test_derive_seed_is_stable_and_separates_keys():
     assert derive_seed(3, "a", 1) == derive_seed(3, "a", 1)
-    assert len({derive_seed(3, "a", 1), derive_seed(3, "a", 2), derive_seed(4, "a", 1), derive_seed(3, "b", 1)}) == 4
+    assert (
+        len({derive_seed(3, "a", 1), derive_seed(3, "a", 2), derive_seed(4, "a", 1), derive_seed(3, "b", 1)})
+        == 4
+    )
     assert 0 <= derive_seed(2**40, "x") < 2**63
 
 

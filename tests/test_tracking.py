@@ -57,8 +57,11 @@ def _files(root: Path) -> list[Path]:
 def test_metrics_file_roundtrip_nonfinite_and_torn_tail(tmp_path):
     path = tmp_path / "metrics.jsonl"
     mf = MetricsFile(path)
-    rows = [{"step": 0, "loss": 1.5, "lr": 0.1}, {"step": 1, "loss": math.inf, "lr": 0.1, "skipped": True},
-            {"step": 2, "loss": math.nan, "grad_norm": -math.inf, "tr/max_layer": "fc1.weight"}]
+    rows = [
+        {"step": 0, "loss": 1.5, "lr": 0.1},
+        {"step": 1, "loss": math.inf, "lr": 0.1, "skipped": True},
+        {"step": 2, "loss": math.nan, "grad_norm": -math.inf, "tr/max_layer": "fc1.weight"},
+    ]
     for r in rows:
         mf.write(r)
     mf.close()
@@ -105,10 +108,24 @@ def test_metrics_file_resume_truncates_after_resume_step(tmp_path):
 def test_init_kwargs_env_precedence_and_defaults(tmp_path):
     w = WandbConfig(project="p", group="g", tags=["a", "b"], name="n")
     kw = init_kwargs(w, tmp_path, "abc123", {"x": 1}, env={})
-    assert kw == {"project": "p", "group": "g", "tags": ["a", "b"], "name": "n", "dir": str(tmp_path),
-                  "mode": "offline", "id": "abc123", "resume": "allow", "config": {"x": 1},
-                  "reinit": "create_new"}
-    env = {"WANDB_PROJECT": "envp", "WANDB_RUN_GROUP": "eg", "WANDB_DIR": "/elsewhere", "WANDB_MODE": "online"}
+    assert kw == {
+        "project": "p",
+        "group": "g",
+        "tags": ["a", "b"],
+        "name": "n",
+        "dir": str(tmp_path),
+        "mode": "offline",
+        "id": "abc123",
+        "resume": "allow",
+        "config": {"x": 1},
+        "reinit": "create_new",
+    }
+    env = {
+        "WANDB_PROJECT": "envp",
+        "WANDB_RUN_GROUP": "eg",
+        "WANDB_DIR": "/elsewhere",
+        "WANDB_MODE": "online",
+    }
     kw = init_kwargs(w, tmp_path, "abc123", {}, env=env)
     # the env var wins: the kwarg is left out so that wandb reads the variable itself
     assert "project" not in kw and "group" not in kw and "dir" not in kw and kw["mode"] == "online"
@@ -120,15 +137,34 @@ def test_init_kwargs_env_precedence_and_defaults(tmp_path):
         effective_mode(WandbConfig(), {"WANDB_MODE": "sometimes"})
     with pytest.raises(ValueError, match="run id"):
         init_kwargs(w, tmp_path, "bad/id", {}, env={})
-    assert init_kwargs(WandbConfig(dir=str(tmp_path / "w")), tmp_path, "abc", {}, env={})["dir"] == str(tmp_path / "w")
+    assert init_kwargs(WandbConfig(dir=str(tmp_path / "w")), tmp_path, "abc", {}, env={})["dir"] == str(
+        tmp_path / "w"
+    )
 
 
 def test_redact_argv():
-    argv = ["train.py", "optimizer.lr=0.1", "deepspeed.config.api_token=abc", "--api-key", "k123",
-            "--password=pw", "note=zz9plural-x", "run.seed=3", "deepspeed.config={hf_token: abc}"]
+    argv = [
+        "train.py",
+        "optimizer.lr=0.1",
+        "deepspeed.config.api_token=abc",
+        "--api-key",
+        "k123",
+        "--password=pw",
+        "note=zz9plural-x",
+        "run.seed=3",
+        "deepspeed.config={hf_token: abc}",
+    ]
     assert redact_argv(argv, ["zz9plural"]) == [
-        "train.py", "optimizer.lr=0.1", "deepspeed.config.api_token=<redacted>", "--api-key", "<redacted>",
-        "--password=<redacted>", "note=<redacted>-x", "run.seed=3", "deepspeed.config=<redacted>"]
+        "train.py",
+        "optimizer.lr=0.1",
+        "deepspeed.config.api_token=<redacted>",
+        "--api-key",
+        "<redacted>",
+        "--password=<redacted>",
+        "note=<redacted>-x",
+        "run.seed=3",
+        "deepspeed.config=<redacted>",
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,8 +237,13 @@ def test_killed_and_resumed_run_continues_same_wandb_run(wandb_env, tmp_path, re
     run_dir = tmp_path / "run"
     first_steps, end = 400, 420
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-c", _CRASHING_RUN, str(run_dir), str(first_steps)], env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CRASHING_RUN, str(run_dir), str(first_steps)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 137, proc.stderr
     run_id = proc.stdout.split()[-1]
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(first_steps))
@@ -220,7 +261,9 @@ def test_killed_and_resumed_run_continues_same_wandb_run(wandb_env, tmp_path, re
             tr.log({"loss": 1.0 / (s + 1), "lr": 0.05}, step=s)
         tr.close()
     floor = persisted[-1] if persisted else -1
-    assert sum("from before the resume" in str(w.message) for w in caught) == (1 if floor > resume_step else 0)
+    assert sum("from before the resume" in str(w.message) for w in caught) == (
+        1 if floor > resume_step else 0
+    )
 
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(end))  # no duplicates, no gaps
@@ -277,7 +320,9 @@ def test_no_secret_in_any_file_the_run_wrote(wandb_env, tmp_path):
     run_dir = tmp_path / "run"
     wandb_env.setenv("WANDB_API_KEY", API_KEY)
     # a secret on the command line (W&B records argv) and in the config, by key name and by value
-    wandb_env.setattr(sys, "argv", ["dist-opt", "train", f"deepspeed.config.api_token={TOKEN}", "optimizer.lr=0.1"])
+    wandb_env.setattr(
+        sys, "argv", ["dist-opt", "train", f"deepspeed.config.api_token={TOKEN}", "optimizer.lr=0.1"]
+    )
     cfg = _cfg(run_dir)
     cfg.deepspeed.config = {"api_token": TOKEN, "nested": {"hf_password": TOKEN}, "note": f"key is {API_KEY}"}
     tr = Tracker(cfg, run_dir, rank=0)
@@ -293,8 +338,11 @@ def test_no_secret_in_any_file_the_run_wrote(wandb_env, tmp_path):
         assert TOKEN.encode() not in data, f
         assert API_KEY.encode() not in data, f
     wb = read_wandb_file(find_wandb_files(run_dir)[0])  # the redaction happened (the check is not vacuous)
-    assert wb.config["deepspeed"]["config"] == {"api_token": "<redacted>", "nested": {"hf_password": "<redacted>"},
-                                                "note": "key is <redacted>"}
+    assert wb.config["deepspeed"]["config"] == {
+        "api_token": "<redacted>",
+        "nested": {"hf_password": "<redacted>"},
+        "note": "key is <redacted>",
+    }
     assert "deepspeed.config.api_token=<redacted>" in wb.args and "optimizer.lr=0.1" in wb.args
     assert sys.argv[2] == f"deepspeed.config.api_token={TOKEN}"  # the process's argv itself is untouched
 

@@ -19,9 +19,19 @@ from dist_opt.extensions import Extension
 from dist_opt.tasks.synthetic import SyntheticTask
 from dist_opt.trainer import Trainer
 
-BASE = ["task.name=synthetic", "task.dim=6", "task.hidden=10", "task.classes=4", "data.global_batch=12",
-        "train.steps=20", "train.progress=false", "tracking.wandb.mode=disabled", "train.eval_every=10",
-        "optimizer.weight_decay=0.01", "task.eval_size=64"]
+BASE = [
+    "task.name=synthetic",
+    "task.dim=6",
+    "task.hidden=10",
+    "task.classes=4",
+    "data.global_batch=12",
+    "train.steps=20",
+    "train.progress=false",
+    "tracking.wandb.mode=disabled",
+    "train.eval_every=10",
+    "optimizer.weight_decay=0.01",
+    "task.eval_size=64",
+]
 
 
 def fit(rank: int, world: int, out_dir: str, overrides: list[str]) -> dict:
@@ -43,7 +53,10 @@ def fit_single(out_dir: str, overrides: list[str]) -> dict:
         destroy_process_group()
 
 
-OPTS = {"sgd": ["optimizer.name=sgd", "optimizer.lr=0.2"], "adamw": ["optimizer.name=adamw", "optimizer.lr=0.01"]}
+OPTS = {
+    "sgd": ["optimizer.name=sgd", "optimizer.lr=0.2"],
+    "adamw": ["optimizer.name=adamw", "optimizer.lr=0.01"],
+}
 
 
 @pytest.mark.timeout(300)
@@ -52,17 +65,24 @@ def test_two_and_three_ranks_equal_one_process(tmp_path, world2, world3, opt):
     ref = fit_single(str(tmp_path / "ref"), [*OPTS[opt], "data.micro_batch=12"])
     runs = {
         "2 ranks": world2.run(fit, str(tmp_path / "w2"), [*OPTS[opt], "data.micro_batch=6"]),
-        "2 ranks x 3 accumulation": world2.run(fit, str(tmp_path / "w2a"), [*OPTS[opt], "data.micro_batch=2"]),
-        "2 ranks, zero stage 2 + accumulation": world2.run(fit, str(tmp_path / "w2z"),
-                                                           [*OPTS[opt], "data.micro_batch=3",
-                                                            "distributed.zero_stage=2"]),
+        "2 ranks x 3 accumulation": world2.run(
+            fit, str(tmp_path / "w2a"), [*OPTS[opt], "data.micro_batch=2"]
+        ),
+        "2 ranks, zero stage 2 + accumulation": world2.run(
+            fit, str(tmp_path / "w2z"), [*OPTS[opt], "data.micro_batch=3", "distributed.zero_stage=2"]
+        ),
         "3 ranks": world3.run(fit, str(tmp_path / "w3"), [*OPTS[opt], "data.micro_batch=4"]),
     }
     for label, per_rank in runs.items():
         for rank, params in enumerate(per_rank):
             for k in ref:
-                torch.testing.assert_close(params[k], ref[k], rtol=1e-5, atol=1e-6,
-                                           msg=lambda m, k=k, label=label, rank=rank: f"{label} rank {rank} {k}: {m}")
+                torch.testing.assert_close(
+                    params[k],
+                    ref[k],
+                    rtol=1e-5,
+                    atol=1e-6,
+                    msg=lambda m, k=k, label=label, rank=rank: f"{label} rank {rank} {k}: {m}",
+                )
 
 
 def test_metrics_file_contract(tmp_path, world2):
@@ -133,8 +153,10 @@ def world_one():
 
 
 def _recording_trainer(out_dir: Path, prefetch: bool = False) -> Trainer:
-    cfg = load_config(None, [*BASE, "optimizer.name=sgd", "optimizer.lr=0.1", "data.micro_batch=4",
-                             f"run.out_dir={out_dir}"])
+    cfg = load_config(
+        None,
+        [*BASE, "optimizer.name=sgd", "optimizer.lr=0.1", "data.micro_batch=4", f"run.out_dir={out_dir}"],
+    )
     return Trainer(cfg, torch.device("cpu"), task=RecordingTask(cfg.task, cfg.run.seed, prefetch=prefetch))
 
 
@@ -142,7 +164,9 @@ def test_data_flows_through_the_task_iterator_and_restarts_at_a_resumed_step(tmp
     a = _recording_trainer(tmp_path / "a")
     for _ in range(4):
         a.train_step()
-    expect = [GlobalBatchSampler.split(a.sampler.global_indices(t), 0, 1, 4, k) for t in range(4) for k in range(3)]
+    expect = [
+        GlobalBatchSampler.split(a.sampler.global_indices(t), 0, 1, 4, k) for t in range(4) for k in range(3)
+    ]
     assert a.task.streams == 1 and len(a.task.seen) == 12  # one stream, one batch per micro-step (12 = 3 x 4)
     assert all(torch.equal(x, y) for x, y in zip(a.task.seen, expect, strict=True))
 
@@ -156,7 +180,9 @@ def test_data_flows_through_the_task_iterator_and_restarts_at_a_resumed_step(tmp
     assert all(torch.equal(x, y) for x, y in zip(b.task.seen, expect[6:9], strict=True))
     a.load_state_dict({**a.state_dict(), "step": 1})  # moving the step restarts the stream there
     a.train_step()
-    assert a.task.streams == 2 and all(torch.equal(x, y) for x, y in zip(a.task.seen[12:], expect[3:6], strict=True))
+    assert a.task.streams == 2 and all(
+        torch.equal(x, y) for x, y in zip(a.task.seen[12:], expect[3:6], strict=True)
+    )
 
 
 def test_a_prefetching_train_batches_gives_the_same_run(tmp_path, world_one):
@@ -199,8 +225,22 @@ def test_cli_under_torchrun_matches_in_process_run(tmp_path):
     overrides = [*OPTS["adamw"], "data.micro_batch=3", "distributed.nproc=2", "distributed.zero_stage=1"]
     out = tmp_path / "cli"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "dist_opt", "train", *_as_yaml_file(tmp_path), *BASE,
-                           f"run.out_dir={out}", *overrides], capture_output=True, text=True, timeout=170, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dist_opt",
+            "train",
+            *_as_yaml_file(tmp_path),
+            *BASE,
+            f"run.out_dir={out}",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "dist-opt summary:" in proc.stdout and "steps 20" in proc.stdout
     got = torch.load(out / "final_params.pt", weights_only=True)

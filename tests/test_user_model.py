@@ -21,8 +21,16 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 pytestmark = pytest.mark.dist
 
-BASE = ["data.global_batch=12", "train.steps=12", "train.progress=false", "tracking.wandb.mode=disabled",
-        "train.eval_every=6", "optimizer.name=adamw", "optimizer.lr=0.02", "optimizer.weight_decay=0.01"]
+BASE = [
+    "data.global_batch=12",
+    "train.steps=12",
+    "train.progress=false",
+    "tracking.wandb.mode=disabled",
+    "train.eval_every=6",
+    "optimizer.name=adamw",
+    "optimizer.lr=0.02",
+    "optimizer.weight_decay=0.01",
+]
 IMPORTED = ["task.name=user_tasks:LNTask", "task.options={dim: 6, classes: 3}"]
 
 
@@ -33,10 +41,14 @@ def _params(run: Path) -> dict[str, torch.Tensor]:
 def _close(got: dict, ref: dict, what: str) -> None:
     assert got.keys() == ref.keys()
     for k in ref:
-        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{what} {k}: {m}")
+        torch.testing.assert_close(
+            got[k], ref[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{what} {k}: {m}"
+        )
 
 
-def _trainer_fit(rank: int, world: int, out_dir: str, overrides: list[str], task_fn: str | None = None) -> dict:
+def _trainer_fit(
+    rank: int, world: int, out_dir: str, overrides: list[str], task_fn: str | None = None
+) -> dict:
     """One rank of a run (harness worker or this process), the user task built here if named."""
     import user_tasks
 
@@ -70,11 +82,13 @@ def ln_reference(tmp_path_factory) -> dict:
 
 
 def test_task_by_import_path_on_2_and_3_ranks_equals_one_process(tmp_path, world2, world3, ln_reference):
-    two = world2.run(_trainer_fit, str(tmp_path / "w2"), [*IMPORTED, "data.micro_batch=3",
-                                                          "distributed.zero_stage=2"])
+    two = world2.run(
+        _trainer_fit, str(tmp_path / "w2"), [*IMPORTED, "data.micro_batch=3", "distributed.zero_stage=2"]
+    )
     factory = ["task.name=user_tasks:build_ln_task", "task.options={dim: 6, classes: 3}"]
-    three = world3.run(_trainer_fit, str(tmp_path / "w3"), [*factory, "data.micro_batch=4",
-                                                            "distributed.zero_stage=1"])
+    three = world3.run(
+        _trainer_fit, str(tmp_path / "w3"), [*factory, "data.micro_batch=4", "distributed.zero_stage=1"]
+    )
     for label, per_rank in (("2 ranks", two), ("3 ranks (factory)", three)):
         for rank, res in enumerate(per_rank):
             _close(res["params"], ln_reference, f"{label} rank {rank}")
@@ -99,9 +113,24 @@ def test_cli_local_spawn_trains_a_task_named_by_import_path(tmp_path, ln_referen
     d = _user_dir(tmp_path)
     (d / "cfg.yaml").write_text("task:\n  name: my_tasks:LNTask\n  options: {dim: 6, classes: 3}\n")
     out = d / "runs" / "cli"
-    proc = subprocess.run([sys.executable, "-m", "dist_opt", "train", "cfg.yaml", *BASE, f"run.out_dir={out}",
-                           "data.micro_batch=6", "distributed.nproc=2"], cwd=d, env=_env(),
-                          capture_output=True, text=True, timeout=220)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dist_opt",
+            "train",
+            "cfg.yaml",
+            *BASE,
+            f"run.out_dir={out}",
+            "data.micro_batch=6",
+            "distributed.nproc=2",
+        ],
+        cwd=d,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=220,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _close(_params(out), ln_reference, "dist-opt train, 2 ranks")
 
@@ -117,8 +146,17 @@ SCRIPT = textwrap.dedent("""
 
 
 def _torchrun(d: Path, nproc: int, out: Path, overrides: list[str]) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "train_script.py", str(out), *BASE, *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "train_script.py",
+        str(out),
+        *BASE,
+        *overrides,
+    ]
     proc = subprocess.run(cmd, cwd=d, env=_env(), capture_output=True, text=True, timeout=200)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -131,32 +169,66 @@ def test_fit_script_under_torchrun_with_workers_and_resharded_resume(tmp_path):
     (d / "train_script.py").write_text(SCRIPT)
     ref = _single(tmp_path / "ref", ["data.micro_batch=12", "data.num_workers=0"], task_fn="ln_dataset_task")
     full = d / "runs" / "full"
-    _torchrun(d, 2, full, ["data.micro_batch=6", "data.num_workers=2", "distributed.zero_stage=2",
-                           "checkpoint.every_steps=6"])
+    _torchrun(
+        d,
+        2,
+        full,
+        ["data.micro_batch=6", "data.num_workers=2", "distributed.zero_stage=2", "checkpoint.every_steps=6"],
+    )
     _close(_params(full), ref["params"], "torchrun 2 ranks, 2 workers")
     ckpt = store.step_dir(store.checkpoints_dir(full), 6)
     assert ckpt.is_dir()
     one = d / "runs" / "resume1"
-    proc = subprocess.run([sys.executable, "train_script.py", str(one), *BASE, "data.micro_batch=12",
-                           "data.num_workers=2", "distributed.nproc=1", f"resume={ckpt}"],
-                          cwd=d, env=_env(), capture_output=True, text=True, timeout=200)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train_script.py",
+            str(one),
+            *BASE,
+            "data.micro_batch=12",
+            "data.num_workers=2",
+            "distributed.nproc=1",
+            f"resume={ckpt}",
+        ],
+        cwd=d,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _close(_params(one), _params(full), "resumed on 1 rank")
     three = d / "runs" / "resume3"
-    _torchrun(d, 3, three, ["data.micro_batch=4", "data.num_workers=2", "distributed.zero_stage=1",
-                            f"resume={ckpt}"])
+    _torchrun(
+        d,
+        3,
+        three,
+        ["data.micro_batch=4", "data.num_workers=2", "distributed.zero_stage=1", f"resume={ckpt}"],
+    )
     _close(_params(three), _params(full), "resumed on 3 ranks")
 
 
 def test_batchnorm_buffers_identical_on_every_rank_and_swa_refresh_works(tmp_path, world2):
-    ov = ["data.micro_batch=3", "distributed.zero_stage=1", "swa.enabled=true", "swa.start_epoch=0",
-          "train.steps=null", "train.epochs=3", "data.global_batch=24", "checkpoint.at_end=false"]
+    ov = [
+        "data.micro_batch=3",
+        "distributed.zero_stage=1",
+        "swa.enabled=true",
+        "swa.start_epoch=0",
+        "train.steps=null",
+        "train.epochs=3",
+        "data.global_batch=24",
+        "checkpoint.at_end=false",
+    ]
     res = world2.run(_trainer_fit, str(tmp_path / "bn"), ov, "bn_dataset_task")
     for k in res[0]["buffers"]:
-        assert torch.equal(res[0]["buffers"][k], res[1]["buffers"][k]), f"BatchNorm buffer {k} differs across ranks"
+        assert torch.equal(res[0]["buffers"][k], res[1]["buffers"][k]), (
+            f"BatchNorm buffer {k} differs across ranks"
+        )
     assert res[0]["buffers"]["bn.num_batches_tracked"] > 0
     swa = torch.load(tmp_path / "bn" / "swa_model.pt", weights_only=True)
-    assert not torch.equal(swa["bn.running_mean"], res[0]["buffers"]["bn.running_mean"])  # refreshed for the average
+    assert not torch.equal(
+        swa["bn.running_mean"], res[0]["buffers"]["bn.running_mean"]
+    )  # refreshed for the average
 
 
 def _one_cycle(rank: int, world: int) -> dict:
@@ -185,7 +257,9 @@ def _one_cycle(rank: int, world: int) -> dict:
 
 
 def test_one_cycle_lr_cycles_momentum_of_a_sharded_optimizer(world2):
-    res = world2.run(_one_cycle, )
+    res = world2.run(
+        _one_cycle,
+    )
     for name in ("momentum", "adamw"):
         seen = res[0][name]
         assert seen == res[1][name]
@@ -210,8 +284,11 @@ def _tied_and_frozen(rank: int, world: int) -> dict:
             m(part).square().mean().backward()
             o.step()
             o.zero_grad()
-    return {"frozen_unchanged": torch.equal(model.frozen.weight, frozen0),
-            "tied": model.emb.weight.detach().clone(), "ref": ref_model.emb.weight.detach().clone()}
+    return {
+        "frozen_unchanged": torch.equal(model.frozen.weight, frozen0),
+        "tied": model.emb.weight.detach().clone(),
+        "ref": ref_model.emb.weight.detach().clone(),
+    }
 
 
 def test_frozen_parameter_never_changes_and_tied_weight_is_updated_once(world2):

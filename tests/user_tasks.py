@@ -38,7 +38,11 @@ class LNNet(nn.Module):
 class BNNet(nn.Module):
     def __init__(self, dim: int = 6, hidden: int = 12, classes: int = 3) -> None:
         super().__init__()
-        self.inp, self.bn, self.out = nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.Linear(hidden, classes)
+        self.inp, self.bn, self.out = (
+            nn.Linear(dim, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.Linear(hidden, classes),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(torch.relu(self.bn(self.inp(x))))
@@ -65,7 +69,10 @@ class LNTask(Task):
         opts = dict(cfg.options)
         self.dim, self.classes = int(opts.get("dim", 6)), int(opts.get("classes", 3))
         self.seed = seed
-        self.train, self.eval = make_data(96, self.dim, self.classes, seed), make_data(32, self.dim, self.classes, 99)
+        self.train, self.eval = (
+            make_data(96, self.dim, self.classes, seed),
+            make_data(32, self.dim, self.classes, 99),
+        )
 
     def build_model(self) -> nn.Module:
         with torch.random.fork_rng():
@@ -94,8 +101,11 @@ class LNTask(Task):
     def eval_sums(self, model, batch):
         x, y = batch
         logits = model(x)
-        return {"loss_sum": float(F.cross_entropy(logits, y, reduction="sum")), "count": float(len(y)),
-                "correct": float((logits.argmax(1) == y).sum())}
+        return {
+            "loss_sum": float(F.cross_entropy(logits, y, reduction="sum")),
+            "count": float(len(y)),
+            "correct": float((logits.argmax(1) == y).sum()),
+        }
 
 
 def build_ln_task(cfg, seed: int) -> Task:

@@ -28,5 +28,14 @@ def shard_piece(local: Tensor, numel: int, mesh: DeviceMesh) -> DTensor:
 
     return make(local, numel, mesh)
 
-__all__ = ["CheckpointError", "CheckpointExtension", "check", "checkpoints_dir", "find_latest",
-           "read_model_state", "resolve_resume", "shard_piece"]
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointExtension",
+    "check",
+    "checkpoints_dir",
+    "find_latest",
+    "read_model_state",
+    "resolve_resume",
+    "shard_piece",
+]

@@ -50,8 +50,9 @@ def encode(obj: Any, prefix: str, put: Callable[[str, Tensor], dict[str, Any]]) 
             parts = []
             for k, v in x.items():
                 if not (k is None or isinstance(k, bool | int | float | str | tuple)):
-                    raise TypeError(f"checkpoint state {path}: dict key {k!r} of type {type(k).__name__} "
-                                    "cannot be stored")
+                    raise TypeError(
+                        f"checkpoint state {path}: dict key {k!r} of type {type(k).__name__} cannot be stored"
+                    )
                 ks = str(k)
                 if ks in seen:
                     raise TypeError(f"checkpoint state {path}: keys {ks!r} collide once written as text")
@@ -60,8 +61,10 @@ def encode(obj: Any, prefix: str, put: Callable[[str, Tensor], dict[str, Any]]) 
             if all(isinstance(k, str) and not k.startswith("$") for k, _ in parts):
                 return dict(parts)
             return {DICT: [[enc(k, path), v] for k, v in parts]}
-        raise TypeError(f"checkpoint state {path}: values of type {type(x).__name__} cannot be stored "
-                        "(use tensors, numbers, strings, None, lists, tuples and dicts)")
+        raise TypeError(
+            f"checkpoint state {path}: values of type {type(x).__name__} cannot be stored "
+            "(use tensors, numbers, strings, None, lists, tuples and dicts)"
+        )
 
     return enc(obj, prefix)
 

@@ -55,8 +55,9 @@ def read_model_state(folder: str | Path, swa: bool = False) -> dict[str, Tensor]
     swa_skel: Any = manifest["shared"].get("ext", {}).get("swa")
     if swa:
         if not swa_skel or not swa_skel.get("n"):
-            raise CheckpointError(["the checkpoint holds no SWA average (swa disabled, or no epoch averaged "
-                                   "yet)"], folder)
+            raise CheckpointError(
+                ["the checkpoint holds no SWA average (swa disabled, or no epoch averaged yet)"], folder
+            )
         refs += codec.refs(swa_skel)
     for ref in refs:
         e = md[ref[codec.TENSOR]]

@@ -174,15 +174,20 @@ class CheckpointExtension(Extension):
         t0 = time.perf_counter()
         snap = st.capture(trainer, self, self.mesh)
         folder = store.step_dir(self.root, step)
-        record = {"step": float(step), "capture_s": time.perf_counter() - t0, "blocking_s": 0.0,
-                  "total_s": 0.0}
+        record = {
+            "step": float(step),
+            "capture_s": time.perf_counter() - t0,
+            "blocking_s": 0.0,
+            "total_s": 0.0,
+        }
         self.saves.append(record)
         self._last_step = step
         job = self._writer(snap, folder, reason, t0, record)
         if self.cfg.checkpoint.async_save:
             self._error = None
-            self._thread = threading.Thread(target=self._run_job, args=(job,), name="dist-opt-checkpoint",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=self._run_job, args=(job,), name="dist-opt-checkpoint", daemon=True
+            )
             self._thread.start()
         else:
             job()
@@ -204,8 +209,9 @@ class CheckpointExtension(Extension):
             err, self._error = self._error, None
             raise err
 
-    def _writer(self, snap: st.Snapshot, folder: Path, reason: str, t0: float,
-                record: dict[str, float]) -> Callable[[], None]:
+    def _writer(
+        self, snap: st.Snapshot, folder: Path, reason: str, t0: float, record: dict[str, float]
+    ) -> Callable[[], None]:
         rank, world, group = self.rank, self.world, self.group
 
         def job() -> None:
@@ -221,8 +227,11 @@ class CheckpointExtension(Extension):
             self._agree_on_failure(err, group)  # also the barrier before anyone writes into the folder
             t1 = time.perf_counter()
             # DCP gathers every rank's write error and raises the same CheckpointException on all ranks
-            md = dcp.save(snap.tensors, storage_writer=dcp.FileSystemWriter(str(folder), sync_files=True),
-                          process_group=group)
+            md = dcp.save(
+                snap.tensors,
+                storage_writer=dcp.FileSystemWriter(str(folder), sync_files=True),
+                process_group=group,
+            )
             t2 = time.perf_counter()
             record["write_s"] = t2 - t1
             if self._kill_in_save is not None and self._kill_in_save == (rank, snap.step):
@@ -231,8 +240,12 @@ class CheckpointExtension(Extension):
             mine = [n for n in names if n.startswith(f"__{rank}_")]
             if rank == 0:
                 mine += [n for n in names if not any(n.startswith(f"__{r}_") for r in range(world))]
-            payload: dict[str, Any] = {"union": snap.union, "per_rank": snap.per_rank,
-                                       "checks": snap.ext_checksums, "files": {}}
+            payload: dict[str, Any] = {
+                "union": snap.union,
+                "per_rank": snap.per_rank,
+                "checks": snap.ext_checksums,
+                "files": {},
+            }
             try:
                 payload["files"] = {n: store.digest(folder / n) for n in mine}
             except OSError as e:
@@ -258,8 +271,11 @@ class CheckpointExtension(Extension):
         an OSError keeps errno, message and file name)."""
         desc = None
         if err is not None:
-            desc = (("os", err.errno, err.strerror, err.filename) if isinstance(err, OSError)
-                    else ("other", f"{type(err).__name__}: {err}"))
+            desc = (
+                ("os", err.errno, err.strerror, err.filename)
+                if isinstance(err, OSError)
+                else ("other", f"{type(err).__name__}: {err}")
+            )
         everyone: list[Any] = [None] * self.world
         dist.all_gather_object(everyone, desc, group=group)
         if err is not None:
@@ -279,9 +295,11 @@ class CheckpointExtension(Extension):
         keys = set().union(*(p["checks"] for p in gathered))
         differ = sorted(k for k in keys if len({p["checks"].get(k) for p in gathered}) > 1)
         if differ:
-            raise RuntimeError(f"extension state differs between ranks: {', '.join(differ[:5])} (an "
-                               "extension's state_dict must be identical on every rank, or set "
-                               "checkpoint_per_rank = True)")
+            raise RuntimeError(
+                f"extension state differs between ranks: {', '.join(differ[:5])} (an "
+                "extension's state_dict must be identical on every rank, or set "
+                "checkpoint_per_rank = True)"
+            )
         union: Any = gathered[0]["union"]
         for p in gathered[1:]:
             union = st.merge(union, p["union"])
@@ -290,11 +308,19 @@ class CheckpointExtension(Extension):
             files.update(p["files"])
         files[".metadata"] = store.digest(folder / ".metadata")
         manifest = {
-            "format": store.FORMAT, "version": store.VERSION, "step": snap.step, "reason": reason,
-            "world_size": self.world, "created_unix": time.time(), "torch": torch.__version__,
+            "format": store.FORMAT,
+            "version": store.VERSION,
+            "step": snap.step,
+            "reason": reason,
+            "world_size": self.world,
+            "created_unix": time.time(),
+            "torch": torch.__version__,
             "config": json.loads(json.dumps(to_dict(self.cfg), default=str)),
-            "layout": snap.layout, "shared": snap.shared, "rule_state": union,
-            "ranks": [p["per_rank"] for p in gathered], "files": files,
+            "layout": snap.layout,
+            "shared": snap.shared,
+            "rule_state": union,
+            "ranks": [p["per_rank"] for p in gathered],
+            "files": files,
         }
         store.finalize(folder, manifest)
         store.prune(self.root, self.cfg.checkpoint.keep)
@@ -344,8 +370,12 @@ class CheckpointExtension(Extension):
         assert plan is not None
         t1 = time.perf_counter()
         try:
-            dcp.load(plan.templates, storage_reader=SafeFileSystemReader(folder),
-                     planner=DefaultLoadPlanner(), process_group=self.group)
+            dcp.load(
+                plan.templates,
+                storage_reader=SafeFileSystemReader(folder),
+                planner=DefaultLoadPlanner(),
+                process_group=self.group,
+            )
         except CheckpointError:
             raise
         except Exception as e:  # DCP wraps every rank's failure
@@ -357,20 +387,29 @@ class CheckpointExtension(Extension):
         except CheckpointError as e:
             problems = e.problems
         self._agree(problems, folder)
-        nbytes = sum(v.to_local().nbytes if hasattr(v, "to_local") else v.nbytes
-                     for v in plan.templates.values())
-        self.last_load = {"plan_s": t1 - t0, "read_s": t2 - t1, "apply_s": time.perf_counter() - t2,
-                          "bytes": float(nbytes)}
+        nbytes = sum(
+            v.to_local().nbytes if hasattr(v, "to_local") else v.nbytes for v in plan.templates.values()
+        )
+        self.last_load = {
+            "plan_s": t1 - t0,
+            "read_s": t2 - t1,
+            "apply_s": time.perf_counter() - t2,
+            "bytes": float(nbytes),
+        }
         self._last_step = trainer.step
         self.loaded_from = folder
         if self.rank == 0:
             saved = manifest.get("layout", {})
             if saved.get("global_batch") != self.cfg.data.global_batch:
-                notes.append(f"data.global_batch changed from {saved.get('global_batch')} to "
-                             f"{self.cfg.data.global_batch}: the data stream continues at step "
-                             f"{trainer.step} but is not the one the checkpoint's run would have seen")
-            _say(f"resumed from {folder} (step {trainer.step}, saved on {manifest['world_size']} rank(s), "
-                 f"now {self.world})")
+                notes.append(
+                    f"data.global_batch changed from {saved.get('global_batch')} to "
+                    f"{self.cfg.data.global_batch}: the data stream continues at step "
+                    f"{trainer.step} but is not the one the checkpoint's run would have seen"
+                )
+            _say(
+                f"resumed from {folder} (step {trainer.step}, saved on {manifest['world_size']} rank(s), "
+                f"now {self.world})"
+            )
             for n in notes:
                 _say(n)
 

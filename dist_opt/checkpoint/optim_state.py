@@ -52,8 +52,10 @@ def describe_tensors(opt: PieceOptimizer) -> dict[str, Any]:
     state = opt.sharded_state()
     return {
         "params": {s.name: {"shape": list(s.shape), "numel": s.numel} for s in specs},
-        "states": {s.name: {k: ("scalar" if v.dim() == 0 else "flat") for k, v in state[s.name].items()}
-                   for s in specs},
+        "states": {
+            s.name: {k: ("scalar" if v.dim() == 0 else "flat") for k, v in state[s.name].items()}
+            for s in specs
+        },
         "shard_world": specs[0].shards if specs else 1,
     }
 
@@ -75,8 +77,15 @@ def capture_tensors(opt: PieceOptimizer, model_sd: dict[str, Tensor], mesh: Devi
     return out
 
 
-def plan_tensors(opt: PieceOptimizer, model_sd: dict[str, Tensor], saved: dict[str, Any], here: dict[str, Any],
-                 need: Need, problems: list[str], mesh: DeviceMesh) -> dict[str, Tensor]:
+def plan_tensors(
+    opt: PieceOptimizer,
+    model_sd: dict[str, Tensor],
+    saved: dict[str, Any],
+    here: dict[str, Any],
+    need: Need,
+    problems: list[str],
+    mesh: DeviceMesh,
+) -> dict[str, Tensor]:
     """Templates DCP loads the model parameters and the optimizer state into; mismatches with the
     checkpoint's description ``saved`` go to ``problems`` (``need`` checks one saved tensor)."""
     templates: dict[str, Tensor] = {}
@@ -85,11 +94,15 @@ def plan_tensors(opt: PieceOptimizer, model_sd: dict[str, Tensor], saved: dict[s
     missing = [n for n in hp if n not in sp]
     unexpected = [n for n in sp if n not in hp]
     if missing:
-        problems.append(f"model parameters missing from the checkpoint: {', '.join(missing[:8])}"
-                        + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+        problems.append(
+            f"model parameters missing from the checkpoint: {', '.join(missing[:8])}"
+            + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
+        )
     if unexpected:
-        problems.append(f"checkpoint has parameters this model lacks: {', '.join(unexpected[:8])}"
-                        + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else ""))
+        problems.append(
+            f"checkpoint has parameters this model lacks: {', '.join(unexpected[:8])}"
+            + (f" (+{len(unexpected) - 8} more)" if len(unexpected) > 8 else "")
+        )
     for s in specs:
         if s.name in sp:
             p = model_sd[s.name]
@@ -97,8 +110,10 @@ def plan_tensors(opt: PieceOptimizer, model_sd: dict[str, Tensor], saved: dict[s
                 templates[f"model/{s.name}"] = torch.empty(p.shape, dtype=p.dtype)
 
     if saved["param_groups"] != here["param_groups"] and not problems:
-        problems.append("optimizer parameter groups differ from the checkpoint's (changed "
-                        "exclude_from_weight_decay, exclude_from_trust_ratio or lr_multipliers?)")
+        problems.append(
+            "optimizer parameter groups differ from the checkpoint's (changed "
+            "exclude_from_weight_decay, exclude_from_trust_ratio or lr_multipliers?)"
+        )
     state = opt.sharded_state()
     for s in specs:
         if s.name not in sp:
@@ -106,8 +121,10 @@ def plan_tensors(opt: PieceOptimizer, model_sd: dict[str, Tensor], saved: dict[s
         saved_states = saved["states"].get(s.name, {})
         extra = sorted(set(saved_states) - set(state[s.name]))
         if extra:
-            problems.append(f"optimizer state of {s.name}: checkpoint has {', '.join(extra)} which this "
-                            f"optimizer does not keep")
+            problems.append(
+                f"optimizer state of {s.name}: checkpoint has {', '.join(extra)} which this "
+                f"optimizer does not keep"
+            )
         for k, v in state[s.name].items():
             key = f"optim/{s.name}/{k}"
             what = f"optimizer state {s.name}.{k}"
@@ -132,8 +149,9 @@ def load_params(opt: PieceOptimizer, model_sd: dict[str, Tensor], templates: dic
         model_sd[s.name].copy_(templates[f"model/{s.name}"])
 
 
-def loaded_state(opt: PieceOptimizer, templates: dict[str, Tensor],
-                 device: torch.device) -> tuple[dict[str, dict[str, Tensor]], dict[str, int]]:
+def loaded_state(
+    opt: PieceOptimizer, templates: dict[str, Tensor], device: torch.device
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, int]]:
     """The loaded optimizer state as this rank's pieces on ``device``, and their global offsets
     (the ``state`` / ``offsets`` of ``opt.load_state_dict``)."""
     specs = opt.shard_specs()

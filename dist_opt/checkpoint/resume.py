@@ -19,9 +19,13 @@ def resolve_resume(cfg: Config, root: Path, report: Callable[[str], None] | None
         existing = store.complete_steps(root)
         c = cfg.checkpoint
         if existing and (c.every_steps or c.every_epochs or c.at_end):
-            raise ConfigError([f"resume: none, but {root} already holds checkpoints (newest: "
-                               f"step-{existing[-1][0]}); set resume=latest to continue that run, or choose "
-                               "another run.out_dir"])
+            raise ConfigError(
+                [
+                    f"resume: none, but {root} already holds checkpoints (newest: "
+                    f"step-{existing[-1][0]}); set resume=latest to continue that run, or choose "
+                    "another run.out_dir"
+                ]
+            )
         return None
     if resume.lower() == "latest":
         found = store.find_latest(root, report=report)
@@ -30,8 +34,9 @@ def resolve_resume(cfg: Config, root: Path, report: Callable[[str], None] | None
         return found
     path = Path(resume).expanduser()
     if not path.exists():
-        raise ConfigError([f"resume: {resume!r} does not exist (expected none, latest, or a checkpoint "
-                           "folder)"])
+        raise ConfigError(
+            [f"resume: {resume!r} does not exist (expected none, latest, or a checkpoint folder)"]
+        )
     if store.STEP_DIR.match(path.name) or (path / store.MARKER).exists() or (path / ".metadata").exists():
         v = store.check(path, deep=True)
         if not v.ok:

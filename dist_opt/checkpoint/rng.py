@@ -16,10 +16,18 @@ def rng_state(device: torch.device) -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     st: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64),
-                   "gauss_next": gauss},
-        "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {
+            "version": version,
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": gauss,
+        },
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
     }
     if device.type == "cuda":
         st["cuda"] = torch.cuda.get_rng_state(device)
@@ -31,8 +39,15 @@ def set_rng_state(st: dict[str, Any], device: torch.device) -> None:
     py = st["python"]
     random.setstate((int(py["version"]), tuple(int(x) for x in py["state"].tolist()), py["gauss_next"]))
     n = st["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), int(n["pos"]), int(n["has_gauss"]),
-                         float(n["cached_gaussian"])))
+    np.random.set_state(
+        (
+            n["name"],
+            n["keys"].numpy().astype(np.uint32),
+            int(n["pos"]),
+            int(n["has_gauss"]),
+            float(n["cached_gaussian"]),
+        )
+    )
     if device.type == "cuda" and "cuda" in st:
         torch.cuda.set_rng_state(st["cuda"].to(torch.uint8), device)
 
@@ -46,5 +61,3 @@ def fresh_rng(seed: int, rank: int, step: int, device: torch.device) -> None:
     np.random.seed(h % 2**32)
     if device.type == "cuda":
         torch.cuda.manual_seed(h)
-
-

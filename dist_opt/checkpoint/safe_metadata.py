@@ -34,14 +34,25 @@ METADATA = ".metadata"
 MAX_METADATA_BYTES = 512 * 2**20
 DATA_FILE = re.compile(r"^__\d+_\d+\.distcp$")
 _MD = "torch.distributed.checkpoint.metadata"
-ALLOWED_GLOBALS = frozenset({
-    (_MD, "Metadata"), (_MD, "MetadataIndex"), (_MD, "TensorStorageMetadata"), (_MD, "ChunkStorageMetadata"),
-    (_MD, "TensorProperties"), (_MD, "StorageMeta"), (_MD, "_MEM_FORMAT_ENCODING"),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"), ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
-    ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict"),
-})
+ALLOWED_GLOBALS = frozenset(
+    {
+        (_MD, "Metadata"),
+        (_MD, "MetadataIndex"),
+        (_MD, "TensorStorageMetadata"),
+        (_MD, "ChunkStorageMetadata"),
+        (_MD, "TensorProperties"),
+        (_MD, "StorageMeta"),
+        (_MD, "_MEM_FORMAT_ENCODING"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PureWindowsPath"),
+        ("collections", "OrderedDict"),
+    }
+)
 
 
 class _Refused(pickle.UnpicklingError):
@@ -68,8 +79,9 @@ def load_metadata(folder: str | Path) -> Metadata:
     except OSError as e:
         raise CheckpointError([f"cannot read {METADATA}: {e.strerror or e}"], folder) from None
     if len(data) > MAX_METADATA_BYTES:
-        raise CheckpointError([f"{METADATA} is {len(data)} bytes, larger than any plausible metadata"],
-                              folder)
+        raise CheckpointError(
+            [f"{METADATA} is {len(data)} bytes, larger than any plausible metadata"], folder
+        )
     try:
         md = _RestrictedUnpickler(io.BytesIO(data)).load()
     except _Refused as e:
@@ -83,8 +95,11 @@ def load_metadata(folder: str | Path) -> Metadata:
 
 
 def _is_size(x: Any, ndim: int | None = None) -> bool:
-    return (isinstance(x, torch.Size) and all(isinstance(d, int) and d >= 0 for d in x)
-            and (ndim is None or len(x) == ndim))
+    return (
+        isinstance(x, torch.Size)
+        and all(isinstance(d, int) and d >= 0 for d in x)
+        and (ndim is None or len(x) == ndim)
+    )
 
 
 def check_metadata(md: Any, folder: Path) -> list[str]:
@@ -98,15 +113,19 @@ def check_metadata(md: Any, folder: Path) -> list[str]:
         if not isinstance(key, str):
             problems.append(f"non-string key {key!r}")
         elif not isinstance(entry, TensorStorageMetadata):
-            problems.append(f"{key}: entry of type {type(entry).__name__} refused (only tensors are "
-                            "expected; pickled objects are never loaded)")
+            problems.append(
+                f"{key}: entry of type {type(entry).__name__} refused (only tensors are "
+                "expected; pickled objects are never loaded)"
+            )
         elif not _is_size(entry.size) or not isinstance(entry.properties.dtype, torch.dtype):
             problems.append(f"{key}: malformed size or dtype")
         elif not isinstance(entry.chunks, list) or not all(
-                isinstance(c, ChunkStorageMetadata) and _is_size(c.offsets, len(entry.size))
-                and _is_size(c.sizes, len(entry.size))
-                and all(o + s <= d for o, s, d in zip(c.offsets, c.sizes, entry.size, strict=True))
-                for c in entry.chunks):
+            isinstance(c, ChunkStorageMetadata)
+            and _is_size(c.offsets, len(entry.size))
+            and _is_size(c.sizes, len(entry.size))
+            and all(o + s <= d for o, s, d in zip(c.offsets, c.sizes, entry.size, strict=True))
+            for c in entry.chunks
+        ):
             problems.append(f"{key}: malformed chunks")
     if not isinstance(md.storage_data, dict):
         return [*problems, "storage_data is not a dict"]
@@ -116,8 +135,12 @@ def check_metadata(md: Any, folder: Path) -> list[str]:
             problems.append(f"malformed storage index {idx!r}")
         elif not isinstance(rel, str) or not DATA_FILE.match(rel):
             problems.append(f"{idx.fqn}: storage file {rel!r} is not a data file of this folder")
-        elif not (isinstance(info.offset, int) and isinstance(info.length, int) and info.offset >= 0
-                  and info.length >= 0):
+        elif not (
+            isinstance(info.offset, int)
+            and isinstance(info.length, int)
+            and info.offset >= 0
+            and info.length >= 0
+        ):
             problems.append(f"{idx.fqn}: malformed storage offset/length")
         elif getattr(info, "transform_descriptors", None):
             problems.append(f"{idx.fqn}: storage transforms {info.transform_descriptors!r} are not supported")

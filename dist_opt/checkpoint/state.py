@@ -58,14 +58,21 @@ MAX_PROBLEMS = 20  # mismatches listed when a checkpoint does not fit
 
 
 def _copy_dtensor(t: DTensor) -> DTensor:
-    return DTensor.from_local(_copy(t.to_local()), t.device_mesh, t.placements, shape=t.shape,
-                              stride=t.stride(), run_check=False)
+    return DTensor.from_local(
+        _copy(t.to_local()), t.device_mesh, t.placements, shape=t.shape, stride=t.stride(), run_check=False
+    )
 
 
 def _empty_like_dtensor(t: DTensor) -> DTensor:
     local = t.to_local()
-    return DTensor.from_local(torch.empty(local.shape, dtype=local.dtype), t.device_mesh, t.placements,
-                              shape=t.shape, stride=t.stride(), run_check=False)
+    return DTensor.from_local(
+        torch.empty(local.shape, dtype=local.dtype),
+        t.device_mesh,
+        t.placements,
+        shape=t.shape,
+        stride=t.stride(),
+        run_check=False,
+    )
 
 
 def ext_key(ext: Extension, index: int) -> str:
@@ -105,10 +112,13 @@ def describe(trainer: Trainer) -> dict[str, Any]:
     opt = trainer.opt
     o = trainer.cfg.optimizer
     return {
-        **tensors.describe_tensors(opt), "optimizer": opt.name, "zero_stage": opt.zero_stage,
+        **tensors.describe_tensors(opt),
+        "optimizer": opt.name,
+        "zero_stage": opt.zero_stage,
         "param_groups": [list(g.get("names", [])) for g in opt.param_groups],
         "optimizer_config": {k: getattr(o, k, None) for k in structural_keys(o.name)},
-        "task": trainer.cfg.task.name, "global_batch": trainer.cfg.data.global_batch,
+        "task": trainer.cfg.task.name,
+        "global_batch": trainer.cfg.data.global_batch,
         "seed": trainer.cfg.run.seed,
     }
 
@@ -150,9 +160,11 @@ def capture(trainer: Trainer, me: Any, mesh: DeviceMesh) -> Snapshot:
     rank_ext = {k: e.state_dict() for k, e in exts if getattr(e, "checkpoint_per_rank", False)}
     shared = {
         "trainer": trainer.state_dict(),
-        "optimizer": {"applied_steps": opt.applied_steps, "skipped_steps": opt.skipped_steps,
-                      "param_groups": [{k: v for k, v in g.items() if k != "params"}
-                                       for g in opt.param_groups]},
+        "optimizer": {
+            "applied_steps": opt.applied_steps,
+            "skipped_steps": opt.skipped_steps,
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+        },
         "schedule": trainer.schedule.state_dict(),
         "noise": trainer.noise.state_dict() if trainer.noise is not None else None,
         "ext": shared_ext,
@@ -227,8 +239,10 @@ def plan_load(trainer: Trainer, me: Any, manifest: dict[str, Any], md: Metadata)
             problems.append(f"{what}: missing from the checkpoint data")
             return False
         if tuple(e.size) != tuple(shape) or e.properties.dtype != dtype:
-            problems.append(f"{what}: checkpoint has shape {list(e.size)} {_dtype_name(e.properties.dtype)}, "
-                            f"this run has {list(shape)} {_dtype_name(dtype)}")
+            problems.append(
+                f"{what}: checkpoint has shape {list(e.size)} {_dtype_name(e.properties.dtype)}, "
+                f"this run has {list(shape)} {_dtype_name(dtype)}"
+            )
             return False
         return True
 
@@ -240,18 +254,24 @@ def plan_load(trainer: Trainer, me: Any, manifest: dict[str, Any], md: Metadata)
     sched_here = trainer.schedule.state_dict()
     for k in ("name", "warmup_steps"):
         if isinstance(sched_saved, dict) and sched_saved.get(k) != sched_here.get(k):
-            problems.append(f"schedule.{k}: checkpoint has {sched_saved.get(k)!r}, config has "
-                            f"{sched_here.get(k)!r}")
+            problems.append(
+                f"schedule.{k}: checkpoint has {sched_saved.get(k)!r}, config has {sched_here.get(k)!r}"
+            )
 
     # per-rank model buffers: same names and shapes as this model's
     per_rank = manifest["ranks"][plan.src_rank]
-    buf_refs = {k: v for k, v in per_rank.get("buffers", {}).items()} if isinstance(per_rank.get("buffers"),
-                                                                                     dict) else {}
+    buf_refs = (
+        {k: v for k, v in per_rank.get("buffers", {}).items()}
+        if isinstance(per_rank.get("buffers"), dict)
+        else {}
+    )
     here_bufs = {k: v for k, v in model_sd.items() if k not in tensors.trained_names(opt)}
     if sorted(buf_refs) != sorted(here_bufs):
         a, b = set(buf_refs), set(here_bufs)
-        problems.append(f"model buffers differ: missing from the checkpoint {sorted(b - a)[:8]}, "
-                        f"unexpected {sorted(a - b)[:8]}")
+        problems.append(
+            f"model buffers differ: missing from the checkpoint {sorted(b - a)[:8]}, "
+            f"unexpected {sorted(a - b)[:8]}"
+        )
     else:
         for name, ref in buf_refs.items():
             v = here_bufs[name]
@@ -265,17 +285,20 @@ def plan_load(trainer: Trainer, me: Any, manifest: dict[str, Any], md: Metadata)
     # every other tensor the skeletons reference: full tensors of the saved shape, except DTensors,
     # which take the layout of the current extension's state (resharded on load)
     current: dict[str, Tensor] = {}
-    dtensor_exts = {r[codec.TENSOR].split("/")[2] for r in codec.refs(manifest["shared"].get("ext", {}))
-                    if r.get("dtensor")}
-    dtensor_exts |= {r[codec.TENSOR].split("/")[2] for r in codec.refs(per_rank.get("ext", {}))
-                     if r.get("dtensor")}
+    dtensor_exts = {
+        r[codec.TENSOR].split("/")[2]
+        for r in codec.refs(manifest["shared"].get("ext", {}))
+        if r.get("dtensor")
+    }
+    dtensor_exts |= {
+        r[codec.TENSOR].split("/")[2] for r in codec.refs(per_rank.get("ext", {})) if r.get("dtensor")
+    }
     for key, ext in other_extensions(trainer, me):
         if key in dtensor_exts:
             pre = "shared" if not getattr(ext, "checkpoint_per_rank", False) else f"rank{rank}"
             for k, v in _current_ext_tensors(ext, f"{pre}/ext/{key}").items():
                 current["sharded/" + k.split("/", 1)[1] if pre != "shared" else k] = v
-    all_refs = (codec.refs(manifest["shared"]) + codec.refs(manifest.get("rule_state"))
-                + codec.refs(per_rank))
+    all_refs = codec.refs(manifest["shared"]) + codec.refs(manifest.get("rule_state")) + codec.refs(per_rank)
     for ref in all_refs:
         key = ref[codec.TENSOR]
         if key in plan.templates:
@@ -313,9 +336,16 @@ def apply(trainer: Trainer, me: Any, plan: LoadPlan) -> list[str]:
     state, offsets = tensors.loaded_state(opt, tm, device)
     so = shared["optimizer"]
     try:
-        opt.load_state_dict({"state": state, "offsets": offsets, "applied_steps": so["applied_steps"],
-                             "skipped_steps": so["skipped_steps"], "param_groups": so["param_groups"],
-                             "rule_state": rule_state})
+        opt.load_state_dict(
+            {
+                "state": state,
+                "offsets": offsets,
+                "applied_steps": so["applied_steps"],
+                "skipped_steps": so["skipped_steps"],
+                "param_groups": so["param_groups"],
+                "rule_state": rule_state,
+            }
+        )
         trainer.schedule.load_state_dict(shared["schedule"])
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError([f"optimizer/schedule state does not fit this run: {e}"]) from None
@@ -341,6 +371,8 @@ def apply(trainer: Trainer, me: Any, plan: LoadPlan) -> list[str]:
     else:
         fresh_rng(trainer.cfg.run.seed, trainer.rank, trainer.step, device)
         if trainer.rank == world:
-            notes.append(f"ranks >= {world} (the saved world size) start fresh RNG states seeded from "
-                         "(run.seed, rank, step)")
+            notes.append(
+                f"ranks >= {world} (the saved world size) start fresh RNG states seeded from "
+                "(run.seed, rank, step)"
+            )
     return notes

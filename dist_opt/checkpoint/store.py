@@ -155,8 +155,12 @@ def check(folder: str | Path, deep: bool = True) -> Verdict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         return Verdict(folder, step, f"{MANIFEST} is not a dist-opt checkpoint manifest")
     if manifest.get("version") != VERSION:
-        return Verdict(folder, step, f"checkpoint format version {manifest.get('version')!r} is not "
-                                     f"supported (this dist-opt reads version {VERSION})")
+        return Verdict(
+            folder,
+            step,
+            f"checkpoint format version {manifest.get('version')!r} is not "
+            f"supported (this dist-opt reads version {VERSION})",
+        )
     step = manifest.get("step", step)
     files = manifest.get("files")
     if not isinstance(files, dict) or ".metadata" not in files:
@@ -169,8 +173,11 @@ def check(folder: str | Path, deep: bool = True) -> Verdict:
             return Verdict(folder, step, f"file {name} is missing")
         size = p.stat().st_size
         if size != info.get("size"):
-            return Verdict(folder, step, f"file {name} has {size} bytes, expected {info.get('size')} "
-                                         "(truncated or corrupt)")
+            return Verdict(
+                folder,
+                step,
+                f"file {name} has {size} bytes, expected {info.get('size')} (truncated or corrupt)",
+            )
     if deep:
         for name, info in files.items():
             if crc32_file(folder / name) != info.get("crc32"):
@@ -178,8 +185,9 @@ def check(folder: str | Path, deep: bool = True) -> Verdict:
     return Verdict(folder, step, None)
 
 
-def find_latest(root: str | Path, report: Callable[[str], None] | None = None,
-                deep: bool = True) -> Path | None:
+def find_latest(
+    root: str | Path, report: Callable[[str], None] | None = None, deep: bool = True
+) -> Path | None:
     """Newest usable checkpoint under ``root`` (a ``checkpoints`` folder); unusable newer folders are
     skipped and reported through ``report``."""
     for _, folder in reversed(list_step_dirs(root)):

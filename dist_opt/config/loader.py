@@ -21,7 +21,6 @@ from dist_opt.config.secrets import SECRET_WORDS, redact
 __all__ = ["SECRET_WORDS", "ConfigError", "dump_yaml", "load_config", "redact", "to_dict", "validate"]
 
 
-
 class ConfigError(Exception):
     """A bad config; ``problems`` holds one readable line per problem."""
 
@@ -113,10 +112,17 @@ def read_yaml(path: str | os.PathLike) -> dict:
         raise ConfigError([f"YAML value error: {e}"], source=str(path)) from None
     if data is None:
         what = "is empty" if not text.strip() else "holds only comments"
-        raise ConfigError([f"the file {what} (expected a mapping of sections, e.g. `train: {{steps: 100}}`; "
-                           "`dist-opt init` writes a starter config)"], source=str(path))
+        raise ConfigError(
+            [
+                f"the file {what} (expected a mapping of sections, e.g. `train: {{steps: 100}}`; "
+                "`dist-opt init` writes a starter config)"
+            ],
+            source=str(path),
+        )
     if not isinstance(data, dict):
-        raise ConfigError([f"top level must be a mapping of sections, got {type(data).__name__}"], source=str(path))
+        raise ConfigError(
+            [f"top level must be a mapping of sections, got {type(data).__name__}"], source=str(path)
+        )
     return data
 
 

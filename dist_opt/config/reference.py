@@ -1,7 +1,7 @@
 """Render the config reference (README section) from the schema, so docs cannot drift.
 
-    python -m dist_opt.config.reference            # print the markdown
-    python -m dist_opt.config.reference --write    # update README.md between the markers
+python -m dist_opt.config.reference            # print the markdown
+python -m dist_opt.config.reference --write    # update README.md between the markers
 """
 
 from __future__ import annotations

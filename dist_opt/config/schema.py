@@ -94,8 +94,10 @@ class TaskConfig(Section):
         if name in BUILTIN_TASKS or TASK_IMPORT_PATH.fullmatch(name):
             return name
         raise PydanticCustomError(
-            "task_name", "Input should be a built-in task ({names}) or an import path 'package.module:attribute'",
-            {"names": ", ".join(BUILTIN_TASKS)})
+            "task_name",
+            "Input should be a built-in task ({names}) or an import path 'package.module:attribute'",
+            {"names": ", ".join(BUILTIN_TASKS)},
+        )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> TaskConfig:
@@ -182,19 +184,31 @@ class _OptimizerBase(Section):
     """optimizer.*: the optimizer and the keys every optimizer accepts. Each optimizer's own keys
     (``_optimizer_fields``) come from its declaration (``dist_opt.optim.catalog``)."""
 
-    name: str = Field("adamw", description=(
-        f"Optimizer: {', '.join(rule_names())}. Defaults of every hyper-parameter come from its paper / "
-        "torch.optim. Setting a key the optimizer does not read is an error."))
+    name: str = Field(
+        "adamw",
+        description=(
+            f"Optimizer: {', '.join(rule_names())}. Defaults of every hyper-parameter come from its paper / "
+            "torch.optim. Setting a key the optimizer does not read is an error."
+        ),
+    )
     lr: PosFloat = 1e-3
     """Base learning rate (before schedule and scale rule)."""
-    weight_decay: NonNegFloat = Field(0.0, description=(
-        f"L2 ({', '.join(n for n in rule_names() if not rule_spec(n).decoupled_weight_decay)}) or decoupled "
-        f"({', '.join(n for n in rule_names() if rule_spec(n).decoupled_weight_decay)}) weight decay."))
+    weight_decay: NonNegFloat = Field(
+        0.0,
+        description=(
+            f"L2 ({', '.join(n for n in rule_names() if not rule_spec(n).decoupled_weight_decay)}) or decoupled "
+            f"({', '.join(n for n in rule_names() if rule_spec(n).decoupled_weight_decay)}) weight decay."
+        ),
+    )
     exclude_from_weight_decay: list[str] = Field(default_factory=_default_exclude)
     """Name substrings/regexes of parameters without weight decay (1-D parameters are always excluded)."""
-    exclude_from_trust_ratio: list[str] = Field(default_factory=_default_exclude, description=(
-        "Name patterns of parameters whose trust ratio is 1 "
-        f"({', '.join(n for n in rule_names() if rule_spec(n).trust_ratio)}); 1-D parameters are always excluded."))
+    exclude_from_trust_ratio: list[str] = Field(
+        default_factory=_default_exclude,
+        description=(
+            "Name patterns of parameters whose trust ratio is 1 "
+            f"({', '.join(n for n in rule_names() if rule_spec(n).trust_ratio)}); 1-D parameters are always excluded."
+        ),
+    )
     lr_multipliers: dict[str, PosFloat] = Field(default_factory=dict)
     """Per-group lr multipliers: {name regex: multiplier}; the first matching pattern wins."""
     max_grad_norm: PosFloat | None = None
@@ -204,8 +218,11 @@ class _OptimizerBase(Section):
     @classmethod
     def _registered(cls, name: str) -> str:
         if name not in rule_names():
-            raise PydanticCustomError("unknown_optimizer", "unknown optimizer; expected one of: {names}",
-                                      {"names": ", ".join(rule_names())})
+            raise PydanticCustomError(
+                "unknown_optimizer",
+                "unknown optimizer; expected one of: {names}",
+                {"names": ", ".join(rule_names())},
+            )
         return name
 
     @field_validator("*")
@@ -234,15 +251,23 @@ def _optimizer_fields() -> dict[str, Any]:
             by_default.setdefault(repr(d), []).append(opt)
         common = len(by_default) == 1
         default = next(iter(defaults.values())) if common else None
-        who = ", ".join(defaults) if common else "; ".join(f"{', '.join(o)}: {d}" for d, o in by_default.items())
+        who = (
+            ", ".join(defaults)
+            if common
+            else "; ".join(f"{', '.join(o)}: {d}" for d, o in by_default.items())
+        )
         ann = key.type if default is not None else key.type | None
         fields[key.name] = (ann, Field(default, description=f"{key.doc} Read by: {who}."))
     return fields
 
 
 OptimizerConfig = create_model(
-    "OptimizerConfig", __base__=_OptimizerBase, __module__=__name__, **_optimizer_fields(),
-    __doc__="optimizer.*: the generic keys plus one typed field per key any registered optimizer reads.")
+    "OptimizerConfig",
+    __base__=_OptimizerBase,
+    __module__=__name__,
+    **_optimizer_fields(),
+    __doc__="optimizer.*: the generic keys plus one typed field per key any registered optimizer reads.",
+)
 
 
 class ScheduleConfig(Section):
@@ -330,8 +355,9 @@ class CheckpointConfig(Section):
     at_end: bool = True
     """Save a checkpoint when the run ends (early stops — preemption, non-finite storm — always save)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
-                              use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, populate_by_name=True, use_attribute_docstrings=True
+    )
 
 
 class WandbConfig(Section):

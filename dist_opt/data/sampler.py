@@ -24,7 +24,9 @@ class GlobalBatchSampler:
 
     def __post_init__(self) -> None:
         if self.size is not None and self.size < self.global_batch:
-            raise ValueError(f"data.global_batch={self.global_batch} exceeds the training set size {self.size}")
+            raise ValueError(
+                f"data.global_batch={self.global_batch} exceeds the training set size {self.size}"
+            )
         self._perm_epoch: int | None = None
         self._perm: torch.Tensor | None = None
 
@@ -54,12 +56,12 @@ class GlobalBatchSampler:
             return torch.arange(step * b, (step + 1) * b, dtype=torch.long)
         spe = self.steps_per_epoch
         pos = step % spe
-        return self._permutation(step // spe)[pos * b:(pos + 1) * b]
+        return self._permutation(step // spe)[pos * b : (pos + 1) * b]
 
     @staticmethod
     def split(indices: torch.Tensor, rank: int, world: int, micro: int, k: int) -> torch.Tensor:
         lo = (k * world + rank) * micro
-        return indices[lo:lo + micro]
+        return indices[lo : lo + micro]
 
     def state_dict(self) -> dict:
         return {"size": self.size, "global_batch": self.global_batch, "seed": self.seed}

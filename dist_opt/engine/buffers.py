@@ -45,6 +45,8 @@ class BufferSync:
 def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """BatchNorm layers as ``SyncBatchNorm`` (CUDA only: torch has no CPU kernel for it)."""
     if device.type != "cuda":
-        raise ValueError("model.sync_batchnorm: SyncBatchNorm needs CUDA devices (torch has no CPU "
-                         "implementation); on CPU keep model.broadcast_buffers: true")
+        raise ValueError(
+            "model.sync_batchnorm: SyncBatchNorm needs CUDA devices (torch has no CPU "
+            "implementation); on CPU keep model.broadcast_buffers: true"
+        )
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)

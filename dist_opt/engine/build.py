@@ -22,19 +22,29 @@ def rule_from_config(o: OptimizerConfig) -> Rule:
     return build_rule(o.name, **rule_hyper(o))
 
 
-def build_optimizer(model: nn.Module, cfg: Config, lr: float, track_local_grad_norm: bool = False) -> ShardedOptimizer:
+def build_optimizer(
+    model: nn.Module, cfg: Config, lr: float, track_local_grad_norm: bool = False
+) -> ShardedOptimizer:
     o = cfg.optimizer
     return ShardedOptimizer(
-        model.named_parameters(), o.name, lr=lr, weight_decay=o.weight_decay,
-        zero_stage=cfg.distributed.zero_stage, bucket_mb=cfg.distributed.bucket_mb,
-        max_grad_norm=o.max_grad_norm, exclude_from_weight_decay=o.exclude_from_weight_decay,
-        exclude_from_trust_ratio=o.exclude_from_trust_ratio, lr_multipliers=o.lr_multipliers,
-        track_local_grad_norm=track_local_grad_norm, **rule_hyper(o),
+        model.named_parameters(),
+        o.name,
+        lr=lr,
+        weight_decay=o.weight_decay,
+        zero_stage=cfg.distributed.zero_stage,
+        bucket_mb=cfg.distributed.bucket_mb,
+        max_grad_norm=o.max_grad_norm,
+        exclude_from_weight_decay=o.exclude_from_weight_decay,
+        exclude_from_trust_ratio=o.exclude_from_trust_ratio,
+        lr_multipliers=o.lr_multipliers,
+        track_local_grad_norm=track_local_grad_norm,
+        **rule_hyper(o),
     )
 
 
-def build_engine(cfg: Config, model: nn.Module, lr: float,
-                 track_local_grad_norm: bool = False) -> tuple[nn.Module, Any]:
+def build_engine(
+    cfg: Config, model: nn.Module, lr: float, track_local_grad_norm: bool = False
+) -> tuple[nn.Module, Any]:
     """(model, optimizer) for ``distributed.engine``: native -> (model, ShardedOptimizer); deepspeed /
     fsdp2 -> the model (fsdp2: ``fully_shard``-ed in place) and an adapter with the same interface
     (``no_sync``, ``step`` -> applied, ``zero_grad``, ``param_groups``, ``last_stats``, ``skipped_steps``,

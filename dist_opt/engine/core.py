@@ -62,8 +62,12 @@ class GroupOptions:
     @classmethod
     def from_config(cls, o: OptimizerConfig) -> GroupOptions:
         """The options of a config's ``optimizer`` section."""
-        return cls(o.weight_decay, tuple(o.exclude_from_weight_decay), tuple(o.exclude_from_trust_ratio),
-                   dict(o.lr_multipliers))
+        return cls(
+            o.weight_decay,
+            tuple(o.exclude_from_weight_decay),
+            tuple(o.exclude_from_trust_ratio),
+            dict(o.lr_multipliers),
+        )
 
 
 def build_param_groups(
@@ -75,16 +79,29 @@ def build_param_groups(
     ``lr_mult`` and the parameter ``names``; groups appear in order of their first parameter."""
     keys: dict[Any, list[int]] = {}
     for i, (name, p) in enumerate(named):
-        k = group_key(name, p, weight_decay=options.weight_decay, exclude_wd=options.exclude_from_weight_decay,
-                      exclude_trust=options.exclude_from_trust_ratio, lr_multipliers=dict(options.lr_multipliers),
-                      trust_rule=rule.uses_trust_ratio, exclude_1d=options.exclude_1d)
+        k = group_key(
+            name,
+            p,
+            weight_decay=options.weight_decay,
+            exclude_wd=options.exclude_from_weight_decay,
+            exclude_trust=options.exclude_from_trust_ratio,
+            lr_multipliers=dict(options.lr_multipliers),
+            trust_rule=rule.uses_trust_ratio,
+            exclude_1d=options.exclude_1d,
+        )
         keys.setdefault(k, []).append(i)
     groups, layers = [], []
     for k, idx in keys.items():
-        groups.append({
-            "params": [named[i][1] for i in idx], "lr": lr * k.lr_mult, "weight_decay": k.weight_decay,
-            "trust": k.trust, "lr_mult": k.lr_mult, "names": [named[i][0] for i in idx],
-        })
+        groups.append(
+            {
+                "params": [named[i][1] for i in idx],
+                "lr": lr * k.lr_mult,
+                "weight_decay": k.weight_decay,
+                "trust": k.trust,
+                "lr_mult": k.lr_mult,
+                "names": [named[i][0] for i in idx],
+            }
+        )
         layers.append(idx)
     return groups, layers
 
@@ -102,9 +119,16 @@ class PieceOptimizer(ShardStateAPI, torch.optim.Optimizer):
     gathers_params: bool = False
     norm_time_key: str | None = "time/grad_norm_ms"
 
-    def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], rule: Rule, *, lr: float,
-                 groups: GroupOptions | None = None, max_grad_norm: float | None = None,
-                 comm: Comm | None = None):
+    def __init__(
+        self,
+        named_params: Iterable[tuple[str, nn.Parameter]],
+        rule: Rule,
+        *,
+        lr: float,
+        groups: GroupOptions | None = None,
+        max_grad_norm: float | None = None,
+        comm: Comm | None = None,
+    ):
         named = [(n, p) for n, p in named_params if p.requires_grad]
         if not named:
             raise ValueError(f"{type(self).__name__} got no parameters that require grad")
@@ -157,8 +181,9 @@ class PieceOptimizer(ShardStateAPI, torch.optim.Optimizer):
         for p in self.layer_params:
             p.grad = None
 
-    def _reduce_norms(self, grads: Sequence[Tensor], stats: dict[str, Any],
-                      extra: Tensor | None = None) -> tuple[float, float | None]:
+    def _reduce_norms(
+        self, grads: Sequence[Tensor], stats: dict[str, Any], extra: Tensor | None = None
+    ) -> tuple[float, float | None]:
         """Global ||grad||² (sets ``stats["grad_norm"]``) and the rank-sum of ``extra`` (a scalar),
         in one all-reduce."""
         n = len(grads)
@@ -175,8 +200,9 @@ class PieceOptimizer(ShardStateAPI, torch.optim.Optimizer):
         stats["grad_norm"] = math.sqrt(grad_sq) if math.isfinite(grad_sq) else float("nan")
         return grad_sq, (float(vec[n]) if extra is not None else None)
 
-    def _update(self, params: list[Tensor], grads: list[Tensor], grad_sq: float, stats: dict[str, Any],
-                t0: float) -> bool:
+    def _update(
+        self, params: list[Tensor], grads: list[Tensor], grad_sq: float, stats: dict[str, Any], t0: float
+    ) -> bool:
         """Skip (non-finite) or clip, update, :meth:`after_update`; record ``stats``. Returns applied."""
         if not math.isfinite(grad_sq):
             self.skipped_steps += 1
@@ -190,8 +216,14 @@ class PieceOptimizer(ShardStateAPI, torch.optim.Optimizer):
             if coef < 1.0:
                 torch._foreach_mul_(grads, coef)
                 stats["clip_coef"] = coef
-        ctx = StepContext(step=self.applied_steps + 1, n_layers=len(params), layer_sumsq=self._layer_sumsq,
-                          layer_names=self.layer_names, stats=stats, comm=self._comm)
+        ctx = StepContext(
+            step=self.applied_steps + 1,
+            n_layers=len(params),
+            layer_sumsq=self._layer_sumsq,
+            layer_names=self.layer_names,
+            stats=stats,
+            comm=self._comm,
+        )
         t1 = time.perf_counter()
         self.rule.step(self._group_shards(params, grads), ctx)
         self.applied_steps += 1
@@ -214,9 +246,14 @@ class PieceOptimizer(ShardStateAPI, torch.optim.Optimizer):
     def _group_shards(self, params: list[Tensor], grads: list[Tensor]) -> list[GroupShard]:
         out = []
         for g, idx in zip(self.param_groups, self._group_layers, strict=True):
-            out.append(GroupShard(
-                hp=g, layers=idx, params=[params[i] for i in idx], grads=[grads[i] for i in idx],
-                state={k: [v[i] for i in idx] for k, v in self.shard_state.items()},
-                shapes=[self.layer_shapes[i] for i in idx],
-            ))
+            out.append(
+                GroupShard(
+                    hp=g,
+                    layers=idx,
+                    params=[params[i] for i in idx],
+                    grads=[grads[i] for i in idx],
+                    state={k: [v[i] for i in idx] for k, v in self.shard_state.items()},
+                    shapes=[self.layer_shapes[i] for i in idx],
+                )
+            )
         return out

@@ -28,15 +28,23 @@ def pack_rank_major(dst: Tensor, world: int, lo: int, slot: Slot, flat: Tensor) 
     c, n = slot.chunk, slot.numel
     full_rows, rem = divmod(n, c)
     if full_rows:
-        dst[:full_rows, lo:lo + c].copy_(flat[: full_rows * c].view(full_rows, c))
+        dst[:full_rows, lo : lo + c].copy_(flat[: full_rows * c].view(full_rows, c))
     if rem:
-        dst[full_rows, lo:lo + rem].copy_(flat[full_rows * c:])
+        dst[full_rows, lo : lo + rem].copy_(flat[full_rows * c :])
     # padding stays as initialised (zeros)
 
 
 class GradSync:
-    def __init__(self, params: Sequence[nn.Parameter], layout: Layout, comm: Comm, stage: int,
-                 full_grad: Tensor | None, shard_grad: Tensor | None, track_local_norm: bool = False):
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        layout: Layout,
+        comm: Comm,
+        stage: int,
+        full_grad: Tensor | None,
+        shard_grad: Tensor | None,
+        track_local_norm: bool = False,
+    ):
         self.params, self.layout, self.comm, self.stage = list(params), layout, comm, stage
         self.full_grad, self.shard_grad = full_grad, shard_grad
         self.world = comm.world if stage > 0 else 1
@@ -54,12 +62,15 @@ class GradSync:
         self._staging: dict[int, Tensor] = {}
         self._works: list[tuple[object, int, Tensor | None]] = []
         self._seen_backward = False
-        self._handles = [p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self.params)]
+        self._handles = [
+            p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self.params)
+        ]
 
     # -- hooks ---------------------------------------------------------------------------------
     def _make_hook(self, slot_index: int):
         def hook(p: Tensor) -> None:
             self._on_grad(slot_index, p)
+
         return hook
 
     def _on_grad(self, i: int, p: Tensor) -> None:
@@ -75,7 +86,7 @@ class GradSync:
             self._pack(b_i, slot, p.grad.detach().reshape(-1))
             p.grad = None
         else:
-            view = self.full_grad[slot.full_offset: slot.full_offset + slot.numel].view(slot.shape)
+            view = self.full_grad[slot.full_offset : slot.full_offset + slot.numel].view(slot.shape)
             if p.grad.data_ptr() != view.data_ptr():
                 # the user replaced .grad (e.g. zero_grad(set_to_none=True)): fold it back in
                 view.add_(p.grad) if self.micro_steps > 1 else view.copy_(p.grad)
@@ -91,7 +102,9 @@ class GradSync:
         b = self.layout.buckets[b_i]
         st = self._staging.get(b_i)
         if st is None:
-            st = self._staging[b_i] = torch.zeros(self.world, b.shard_numel, dtype=flat.dtype, device=flat.device)
+            st = self._staging[b_i] = torch.zeros(
+                self.world, b.shard_numel, dtype=flat.dtype, device=flat.device
+            )
         pack_rank_major(st, self.world, slot.shard_offset - b.shard_start, slot, flat)
 
     def _launch_ready(self) -> None:
@@ -106,15 +119,16 @@ class GradSync:
         if self.stage == 2:
             st = self._staging.pop(b_i, None)
             if st is None:  # no parameter of this bucket got a gradient in this pass
-                st = torch.zeros(self.world, b.shard_numel, dtype=self.shard_grad.dtype,
-                                 device=self.shard_grad.device)
+                st = torch.zeros(
+                    self.world, b.shard_numel, dtype=self.shard_grad.dtype, device=self.shard_grad.device
+                )
             if self.track_local_norm:
                 self.local_sumsq += st.double().square().sum()
             out = torch.empty(b.shard_numel, dtype=st.dtype, device=st.device)
             work = self.comm.reduce_scatter(out, st.view(-1), async_op=True)
             self._works.append((work, b_i, out))
         else:
-            buf = self.full_grad[b.full_start:b.full_end]
+            buf = self.full_grad[b.full_start : b.full_end]
             if self.track_local_norm:
                 self.local_sumsq += buf.double().square().sum()
             work = self.comm.all_reduce(buf, async_op=True)
@@ -146,7 +160,7 @@ class GradSync:
                 work.wait()
             if out is not None:
                 b = self.layout.buckets[b_i]
-                self.shard_grad[b.shard_start:b.shard_end].add_(out)
+                self.shard_grad[b.shard_start : b.shard_end].add_(out)
         self._works.clear()
         steps = max(self.micro_steps, 1)
         divisor = float(self.comm.world * steps)

@@ -64,9 +64,7 @@ class Layout:
         return {s.name: s for s in self.slots}
 
 
-def make_layout(
-    named_shapes: Sequence[tuple[str, Sequence[int]]], world: int, bucket_numel: int
-) -> Layout:
+def make_layout(named_shapes: Sequence[tuple[str, Sequence[int]]], world: int, bucket_numel: int) -> Layout:
     """Layout for parameters given in registration order (they are placed in reverse)."""
     if world < 1:
         raise ValueError(f"world must be >= 1, got {world}")

@@ -85,7 +85,7 @@ class ShardedOptimizer(PieceOptimizer):
         self.full_param = torch.zeros(self.layout.full_numel, dtype=dtype, device=device)
         with torch.no_grad():
             for s, p in zip(self.layout.slots, slot_params, strict=True):
-                view = self.full_param[s.full_offset:s.full_offset + s.numel]
+                view = self.full_param[s.full_offset : s.full_offset + s.numel]
                 view.copy_(p.detach().reshape(-1))
                 p.data = view.view(s.shape)
         if broadcast_params:
@@ -97,28 +97,46 @@ class ShardedOptimizer(PieceOptimizer):
             self.full_grad = torch.zeros(self.layout.full_numel, dtype=dtype, device=device)
             self.shard_grad = None
             for s, p in zip(self.layout.slots, slot_params, strict=True):
-                p.grad = self.full_grad[s.full_offset:s.full_offset + s.numel].view(s.shape)
-        self.sync = GradSync(slot_params, self.layout, comm, zero_stage, self.full_grad,
-                             self.shard_grad, track_local_norm=track_local_grad_norm)
+                p.grad = self.full_grad[s.full_offset : s.full_offset + s.numel].view(s.shape)
+        self.sync = GradSync(
+            slot_params,
+            self.layout,
+            comm,
+            zero_stage,
+            self.full_grad,
+            self.shard_grad,
+            track_local_norm=track_local_grad_norm,
+        )
 
         # this rank's pieces (views, padded to the chunk size) and the rule's state for them
         self._specs = layout_specs(self.layout, self.shard_rank)
         self._param_pieces = [self._piece(self.full_param, s.full_offset, s.chunk) for s in self.layout.slots]
         if zero_stage == 2:
-            self._grad_pieces = [self.shard_grad[s.shard_offset:s.shard_offset + s.chunk] for s in self.layout.slots]
+            self._grad_pieces = [
+                self.shard_grad[s.shard_offset : s.shard_offset + s.chunk] for s in self.layout.slots
+            ]
         else:
-            self._grad_pieces = [self._piece(self.full_grad, s.full_offset, s.chunk) for s in self.layout.slots]
-        groups = GroupOptions(weight_decay, tuple(exclude_from_weight_decay), tuple(exclude_from_trust_ratio),
-                              dict(lr_multipliers or {}), exclude_1d_from_weight_decay)
+            self._grad_pieces = [
+                self._piece(self.full_grad, s.full_offset, s.chunk) for s in self.layout.slots
+            ]
+        groups = GroupOptions(
+            weight_decay,
+            tuple(exclude_from_weight_decay),
+            tuple(exclude_from_trust_ratio),
+            dict(lr_multipliers or {}),
+            exclude_1d_from_weight_decay,
+        )
         super().__init__(named, rule, lr=lr, groups=groups, max_grad_norm=max_grad_norm, comm=comm)
         assert self.layer_names == [s.name for s in self.layout.slots]
-        self._send = torch.empty(self.layout.shard_numel, dtype=dtype, device=device) if shard_world > 1 else None
+        self._send = (
+            torch.empty(self.layout.shard_numel, dtype=dtype, device=device) if shard_world > 1 else None
+        )
         self._spans = [(b.slots[0], b.slots[-1] + 1) for b in self.layout.buckets]
 
     def _piece(self, buf: Tensor, full_offset: int, chunk: int) -> Tensor:
         """This rank's chunk of a slot in a full buffer (the whole tensor when not sharded)."""
         start = full_offset + self.shard_rank * chunk
-        return buf[start:start + chunk]
+        return buf[start : start + chunk]
 
     @property
     def world_size(self) -> int:
@@ -159,7 +177,9 @@ class ShardedOptimizer(PieceOptimizer):
         t1 = time.perf_counter()
         stats: dict[str, Any] = {"time/grad_comm_wait_ms": 1e3 * (t1 - t0)}
         track = self.sync.track_local_norm
-        grad_sq, local = self._reduce_norms(self._grad_pieces, stats, self.sync.local_sumsq if track else None)
+        grad_sq, local = self._reduce_norms(
+            self._grad_pieces, stats, self.sync.local_sumsq if track else None
+        )
         if local is not None and self.comm.world > 1:
             mean_local = local / self.comm.world
             if self.zero_stage == 2:  # per micro-step gradients, each of micro_batch samples
@@ -177,6 +197,10 @@ class ShardedOptimizer(PieceOptimizer):
     def after_update(self) -> None:
         """All-gather the updated shards into every rank's full parameter buffer (bucketed, async)."""
         if self.layout.world > 1:
-            dsts = [self.full_param[s.full_offset:s.full_offset + s.chunk * self.layout.world]
-                    for s in self.layout.slots]
-            all_gather_pieces(self.comm, self._specs, self._param_pieces, dsts, spans=self._spans, send=self._send)
+            dsts = [
+                self.full_param[s.full_offset : s.full_offset + s.chunk * self.layout.world]
+                for s in self.layout.slots
+            ]
+            all_gather_pieces(
+                self.comm, self._specs, self._param_pieces, dsts, spans=self._spans, send=self._send
+            )

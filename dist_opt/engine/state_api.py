@@ -68,11 +68,15 @@ class ShardStateAPI:
     def sharded_state(self) -> dict[str, dict[str, Tensor]]:
         """``{param_name: {state_key: this rank's valid piece}}`` (views; 0-d counters as they are)."""
         specs = self.shard_specs()
-        return {s.name: {k: valid_piece(v[i], s) for k, v in self.shard_state.items()} for i, s in enumerate(specs)}
+        return {
+            s.name: {k: valid_piece(v[i], s) for k, v in self.shard_state.items()}
+            for i, s in enumerate(specs)
+        }
 
     @torch.no_grad()
-    def load_sharded_state(self, state: Mapping[str, Mapping[str, Tensor]],
-                           offsets: Mapping[str, int] | None = None) -> None:
+    def load_sharded_state(
+        self, state: Mapping[str, Mapping[str, Tensor]], offsets: Mapping[str, int] | None = None
+    ) -> None:
         """Load ``{param_name: {state_key: tensor}}`` where each tensor holds the flattened state's
         elements from ``offsets[name]`` on: this rank's pieces (``offsets`` None: as
         :meth:`sharded_state` returns them), full tensors (offset 0) or any piece covering this
@@ -93,8 +97,10 @@ class ShardStateAPI:
         """This rank's state: :meth:`sharded_state`, its ``offsets`` and ``numel`` per name, counters."""
         specs = self.shard_specs()
         return {
-            "state": self.sharded_state(), "offsets": {s.name: s.offset for s in specs},
-            "numel": {s.name: s.numel for s in specs}, **self._counters(),
+            "state": self.sharded_state(),
+            "offsets": {s.name: s.offset for s in specs},
+            "numel": {s.name: s.numel for s in specs},
+            **self._counters(),
         }
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
@@ -104,8 +110,13 @@ class ShardStateAPI:
         full: dict[str, dict[str, Tensor]] = {s.name: {} for s in specs}
         for k, bufs in self.shard_state.items():
             flat = [i for i, b in enumerate(bufs) if b.dim() > 0]
-            gathered = dict(zip(flat, gather_full(self.comm, [specs[i] for i in flat], [bufs[i] for i in flat]),
-                                strict=True))
+            gathered = dict(
+                zip(
+                    flat,
+                    gather_full(self.comm, [specs[i] for i in flat], [bufs[i] for i in flat]),
+                    strict=True,
+                )
+            )
             for i, s in enumerate(specs):
                 full[s.name][k] = gathered[i] if i in gathered else bufs[i].clone()
         sd["state"] = full
@@ -131,7 +142,8 @@ class ShardStateAPI:
 
     def _counters(self) -> dict[str, Any]:
         return {
-            "applied_steps": self.applied_steps, "skipped_steps": self.skipped_steps,
+            "applied_steps": self.applied_steps,
+            "skipped_steps": self.skipped_steps,
             "rule_state": self.rule.rule_state_dict(),
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
         }
@@ -162,8 +174,10 @@ class ShardStateAPI:
 
     def owned_params(self) -> list[Tensor]:
         """Views of the live parameters' elements in :meth:`owned_specs` (``valid`` elements each)."""
-        return [p.detach().view(-1)[s.offset : s.end] for s, p in zip(self.owned_specs(), self.layer_params,
-                                                                       strict=True)]
+        return [
+            p.detach().view(-1)[s.offset : s.end]
+            for s, p in zip(self.owned_specs(), self.layer_params, strict=True)
+        ]
 
     @torch.no_grad()
     def gather_params(self, pieces: Sequence[Tensor]) -> None:

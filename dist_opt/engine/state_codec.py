@@ -43,7 +43,9 @@ class ShardSpec:
 def layout_specs(layout: Layout, rank: int) -> list[ShardSpec]:
     """Rank ``rank``'s piece of every parameter of ``layout``, in layout order."""
     return [
-        ShardSpec(s.name, tuple(s.shape), s.numel, s.global_offset(rank), s.valid(rank), s.chunk, layout.world)
+        ShardSpec(
+            s.name, tuple(s.shape), s.numel, s.global_offset(rank), s.valid(rank), s.chunk, layout.world
+        )
         for s in layout.slots
     ]
 

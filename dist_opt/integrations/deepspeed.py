@@ -77,8 +77,13 @@ def check_deepspeed_config(cfg: Config) -> list[str]:
     stage, name = cfg.distributed.zero_stage, cfg.optimizer.name
     spec = rule_spec(name)
     if stage > 0 and not spec.elementwise:  # only an elementwise rule can update a flat partition
-        what = ("per-layer trust ratios" if spec.trust_ratio else "whole-parameter preconditioner blocks"
-                if spec.whole_tensors else "a non-elementwise update")
+        what = (
+            "per-layer trust ratios"
+            if spec.trust_ratio
+            else "whole-parameter preconditioner blocks"
+            if spec.whole_tensors
+            else "a non-elementwise update"
+        )
         problems.append(
             f"optimizer.name: {name} is not supported with distributed.engine=deepspeed at "
             f"distributed.zero_stage={stage}: DeepSpeed's ZeRO-{stage} flattens all parameters of a group "
@@ -353,7 +358,9 @@ class DeepSpeedOptimizer:
         """Stage 0: ``{param_name: {state_key: this rank's valid piece}}``."""
         return self._chunked().sharded_state()
 
-    def load_sharded_state(self, state: dict[str, dict[str, torch.Tensor]], offsets: dict[str, int] | None = None) -> None:
+    def load_sharded_state(
+        self, state: dict[str, dict[str, torch.Tensor]], offsets: dict[str, int] | None = None
+    ) -> None:
         """Stage 0: load pieces of the state (see ``PieceOptimizer.load_sharded_state``)."""
         self._chunked().load_sharded_state(state, offsets)
 

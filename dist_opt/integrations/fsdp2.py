@@ -86,7 +86,9 @@ def build_fsdp2(
             m.set_gradient_divide_factor(float(world * accum))
     o = cfg.optimizer
     rule = rule_from_config(o)
-    opt = FSDP2Optimizer(model, rule, lr=lr, groups=GroupOptions.from_config(o), max_grad_norm=o.max_grad_norm)
+    opt = FSDP2Optimizer(
+        model, rule, lr=lr, groups=GroupOptions.from_config(o), max_grad_norm=o.max_grad_norm
+    )
     return model, opt
 
 
@@ -149,11 +151,20 @@ class FSDP2Optimizer(PieceOptimizer):
         from torch.distributed.tensor import DTensor
 
         state: dict[str, dict[str, Any]] = {}
-        for name, p, entry in zip(self.layer_names, self.layer_params, self.sharded_state().values(), strict=True):
+        for name, p, entry in zip(
+            self.layer_names, self.layer_params, self.sharded_state().values(), strict=True
+        ):
             state[name] = {
-                k: piece if piece.dim() == 0 else DTensor.from_local(
-                    piece.view(p.to_local().shape), p.device_mesh, p.placements, shape=p.shape,
-                    stride=p.stride(), run_check=False)
+                k: piece
+                if piece.dim() == 0
+                else DTensor.from_local(
+                    piece.view(p.to_local().shape),
+                    p.device_mesh,
+                    p.placements,
+                    shape=p.shape,
+                    stride=p.stride(),
+                    run_check=False,
+                )
                 for k, piece in entry.items()
             }
         return {"state": state, **self._counters()}
@@ -177,8 +188,10 @@ class FSDP2Optimizer(PieceOptimizer):
             offsets[s.name] = s.offset
             for k, src in st[s.name].items():
                 if src.dim() > 0 and tuple(src.shape) != tuple(p.shape):
-                    raise ValueError(f"optimizer state {s.name}.{k}: shape {tuple(src.shape)} for a "
-                                     f"parameter {tuple(p.shape)}")
+                    raise ValueError(
+                        f"optimizer state {s.name}.{k}: shape {tuple(src.shape)} for a "
+                        f"parameter {tuple(p.shape)}"
+                    )
                 if isinstance(src, DTensor):
                     if src.dim() > 0 and tuple(src.placements) != tuple(p.placements):
                         src = src.redistribute(p.device_mesh, p.placements)

@@ -123,7 +123,9 @@ class ChunkedOptimizer(PieceOptimizer):
         return list(self._specs)
 
     def param_pieces(self) -> list[Tensor]:
-        return [p.detach().view(-1)[s.offset : s.end] for s, p in zip(self._specs, self.layer_params, strict=True)]
+        return [
+            p.detach().view(-1)[s.offset : s.end] for s, p in zip(self._specs, self.layer_params, strict=True)
+        ]
 
     def grad_pieces(self) -> list[Tensor]:
         out = []

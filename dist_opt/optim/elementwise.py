@@ -46,9 +46,16 @@ class SGD(Rule):
                 first = ctx.step == 1 and self.dampening != 0
                 bufs = [None] * len(g.params) if first else list(g.state["momentum_buffer"])
             _sgd.sgd(
-                g.params, g.grads, bufs if bufs is not None else [None] * len(g.params),
-                foreach=True, weight_decay=g.hp["weight_decay"], momentum=self.momentum,
-                lr=g.hp["lr"], dampening=self.dampening, nesterov=self.nesterov, maximize=False,
+                g.params,
+                g.grads,
+                bufs if bufs is not None else [None] * len(g.params),
+                foreach=True,
+                weight_decay=g.hp["weight_decay"],
+                momentum=self.momentum,
+                lr=g.hp["lr"],
+                dampening=self.dampening,
+                nesterov=self.nesterov,
+                maximize=False,
             )
             if self.momentum:
                 for dst, src in zip(g.state["momentum_buffer"], bufs, strict=True):
@@ -68,9 +75,16 @@ class Adagrad(Rule):
     def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
         for g in groups:
             _adagrad.adagrad(
-                g.params, g.grads, g.state["sum"], g.state["step"], foreach=True,
-                lr=g.hp["lr"], weight_decay=g.hp["weight_decay"], lr_decay=self.lr_decay,
-                eps=self.eps, maximize=False,
+                g.params,
+                g.grads,
+                g.state["sum"],
+                g.state["step"],
+                foreach=True,
+                lr=g.hp["lr"],
+                weight_decay=g.hp["weight_decay"],
+                lr_decay=self.lr_decay,
+                eps=self.eps,
+                maximize=False,
             )
 
 
@@ -86,24 +100,43 @@ class _CountsSteps(Rule):
 class RMSProp(_CountsSteps):
     def __init__(self, *, alpha: float, eps: float, momentum: float, centered: bool):
         self.alpha, self.eps, self.momentum, self.centered = alpha, eps, momentum, centered
-        names = ["square_avg"] + (["grad_avg"] if centered else []) + (["momentum_buffer"] if momentum else [])
+        names = (
+            ["square_avg"] + (["grad_avg"] if centered else []) + (["momentum_buffer"] if momentum else [])
+        )
         self.state_names = tuple(names)
 
     def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
         for g in groups:
             _rmsprop.rmsprop(
-                g.params, g.grads, g.state["square_avg"], g.state.get("grad_avg", []),
-                g.state.get("momentum_buffer", []), g.state["step"], foreach=True,
-                lr=g.hp["lr"], alpha=self.alpha, eps=self.eps, weight_decay=g.hp["weight_decay"],
-                momentum=self.momentum, centered=self.centered,
+                g.params,
+                g.grads,
+                g.state["square_avg"],
+                g.state.get("grad_avg", []),
+                g.state.get("momentum_buffer", []),
+                g.state["step"],
+                foreach=True,
+                lr=g.hp["lr"],
+                alpha=self.alpha,
+                eps=self.eps,
+                weight_decay=g.hp["weight_decay"],
+                momentum=self.momentum,
+                centered=self.centered,
             )
 
 
 class Adam(_CountsSteps):
     """Adam (L2 decay) or AdamW (decoupled decay), Kingma & Ba with bias correction."""
 
-    def __init__(self, *, betas: tuple[float, float], eps: float, decoupled: bool, amsgrad: bool,
-                 bias_correction: bool, fused: bool | None = None):
+    def __init__(
+        self,
+        *,
+        betas: tuple[float, float],
+        eps: float,
+        decoupled: bool,
+        amsgrad: bool,
+        bias_correction: bool,
+        fused: bool | None = None,
+    ):
         b1, b2 = betas
         self.betas, self.eps, self.amsgrad, self.bias_correction = (b1, b2), eps, amsgrad, bias_correction
         self.decoupled_weight_decay = decoupled
@@ -117,12 +150,22 @@ class Adam(_CountsSteps):
                 continue
             fused = self.fused if self.fused is not None else _fused_ok(g.params)
             _adam.adam(
-                g.params, g.grads, g.state["exp_avg"], g.state["exp_avg_sq"],
-                g.state.get("max_exp_avg_sq", []), g.state["step"],
-                foreach=None if fused else True, fused=fused or None,
-                decoupled_weight_decay=self.decoupled_weight_decay, amsgrad=self.amsgrad,
-                beta1=self.betas[0], beta2=self.betas[1], lr=g.hp["lr"],
-                weight_decay=g.hp["weight_decay"], eps=self.eps, maximize=False,
+                g.params,
+                g.grads,
+                g.state["exp_avg"],
+                g.state["exp_avg_sq"],
+                g.state.get("max_exp_avg_sq", []),
+                g.state["step"],
+                foreach=None if fused else True,
+                fused=fused or None,
+                decoupled_weight_decay=self.decoupled_weight_decay,
+                amsgrad=self.amsgrad,
+                beta1=self.betas[0],
+                beta2=self.betas[1],
+                lr=g.hp["lr"],
+                weight_decay=g.hp["weight_decay"],
+                eps=self.eps,
+                maximize=False,
             )
 
     def _step_uncorrected(self, g: GroupShard) -> None:

@@ -34,13 +34,30 @@ from dist_opt.optim.spec import (
     unregister_rule,
 )
 
-__all__ = ["GENERIC_KEYS", "GroupKey", "Key", "RuleSpec", "build_rule", "declare_key", "declared_keys", "group_key",
-           "inapplicable", "register_rule", "rule_kwargs", "rule_names", "rule_spec", "structural_keys",
-           "unregister_rule"]
+__all__ = [
+    "GENERIC_KEYS",
+    "GroupKey",
+    "Key",
+    "RuleSpec",
+    "build_rule",
+    "declare_key",
+    "declared_keys",
+    "group_key",
+    "inapplicable",
+    "register_rule",
+    "rule_kwargs",
+    "rule_names",
+    "rule_spec",
+    "structural_keys",
+    "unregister_rule",
+]
 
 #: capability of the declaration -> the attribute of the built rule the engines read
-_CAPABILITIES = {"trust_ratio": "uses_trust_ratio", "whole_tensors": "replicated_pieces",
-                 "decoupled_weight_decay": "decoupled_weight_decay"}
+_CAPABILITIES = {
+    "trust_ratio": "uses_trust_ratio",
+    "whole_tensors": "replicated_pieces",
+    "decoupled_weight_decay": "decoupled_weight_decay",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -54,15 +71,19 @@ def build_rule(name: str, **hp: Any) -> Rule:
     declared default. Generic keys (lr, weight_decay, ...) are ignored (the engine applies them); a
     value for a key ``name`` does not read raises ValueError."""
     if name not in rule_names():
-        raise ValueError(f"optimizer.name: unknown optimizer {name!r} (expected one of {', '.join(rule_names())})")
+        raise ValueError(
+            f"optimizer.name: unknown optimizer {name!r} (expected one of {', '.join(rule_names())})"
+        )
     spec = rule_spec(name)
     rule = spec.factory()(**rule_kwargs(name, hp))
     if not isinstance(rule, Rule):
         raise TypeError(f"optimizer {name!r}: {spec.rule!r} built a {type(rule).__name__}, not a Rule")
     for cap, attr in _CAPABILITIES.items():
         if bool(getattr(rule, attr)) != getattr(spec, cap):
-            raise TypeError(f"optimizer {name!r}: declared {cap}={getattr(spec, cap)} but its rule has "
-                            f"{attr}={getattr(rule, attr)}")
+            raise TypeError(
+                f"optimizer {name!r}: declared {cap}={getattr(spec, cap)} but its rule has "
+                f"{attr}={getattr(rule, attr)}"
+            )
     return rule
 
 
@@ -77,8 +98,10 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     """A pattern matches a whole dotted component (``bias``, ``ln_f``...) or, as a regex, the name."""
     parts = name.split(".")
     for pat in patterns:
-        if any(part == pat or part.startswith(pat + "_") or part.startswith(pat) and part[len(pat):].isdigit()
-               for part in parts):
+        if any(
+            part == pat or part.startswith(pat + "_") or part.startswith(pat) and part[len(pat) :].isdigit()
+            for part in parts
+        ):
             return True
         try:
             if re.fullmatch(pat, name):
@@ -88,9 +111,17 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return False
 
 
-def group_key(name: str, p: nn.Parameter, *, weight_decay: float, exclude_wd: Iterable[str],
-              exclude_trust: Iterable[str], lr_multipliers: dict[str, float], trust_rule: bool,
-              exclude_1d: bool = True) -> GroupKey:
+def group_key(
+    name: str,
+    p: nn.Parameter,
+    *,
+    weight_decay: float,
+    exclude_wd: Iterable[str],
+    exclude_trust: Iterable[str],
+    lr_multipliers: dict[str, float],
+    trust_rule: bool,
+    exclude_1d: bool = True,
+) -> GroupKey:
     """Which group a parameter belongs to. 1-D parameters (biases, norm weights) get no trust
     ratio (LARS/LAMB) and, with ``exclude_1d``, no weight decay, as in MLPerf practice; name
     patterns add more."""

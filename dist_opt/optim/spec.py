@@ -30,8 +30,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: keys every optimizer accepts: the engine applies them (lr, weight decay groups, clipping)
-GENERIC_KEYS = ("lr", "weight_decay", "max_grad_norm", "exclude_from_weight_decay", "exclude_from_trust_ratio",
-                "lr_multipliers")
+GENERIC_KEYS = (
+    "lr",
+    "weight_decay",
+    "max_grad_norm",
+    "exclude_from_weight_decay",
+    "exclude_from_trust_ratio",
+    "lr_multipliers",
+)
 BUILTINS = "dist_opt.optim.catalog"
 
 
@@ -124,7 +130,9 @@ def register_rule(spec: RuleSpec, *, replace: bool = False) -> RuleSpec:
     if spec.name in _RULES and not replace:
         problems.append("already registered (pass replace=True to redefine it)")
     problems += [f"optimizer.{k} is not a declared key (declare_key)" for k in spec.hyper if k not in _KEYS]
-    problems += [f"structural key {k!r} is not one of its keys" for k in spec.structural if k not in spec.hyper]
+    problems += [
+        f"structural key {k!r} is not one of its keys" for k in spec.structural if k not in spec.hyper
+    ]
     problems += [f"hint for {k!r}, which is one of its keys" for k in spec.hints if k in spec.hyper]
     problems += [f"fixed argument {k!r} is also a config key" for k in spec.fixed if k in spec.hyper]
     if spec.elementwise and (spec.trust_ratio or spec.whole_tensors):

@@ -91,8 +91,14 @@ class LAMB(Rule):
     decoupled_weight_decay = True
     state_names = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, *, betas: tuple[float, float], eps: float, bias_correction: bool,
-                 trust_clip: tuple[float, float] | None):
+    def __init__(
+        self,
+        *,
+        betas: tuple[float, float],
+        eps: float,
+        bias_correction: bool,
+        trust_clip: tuple[float, float] | None,
+    ):
         b1, b2 = betas
         clip = tuple(trust_clip) if trust_clip else None
         self.betas, self.eps, self.bias_correction, self.trust_clip = (b1, b2), eps, bias_correction, clip

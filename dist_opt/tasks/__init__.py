@@ -27,9 +27,22 @@ from dist_opt.tasks.registry import (
 )
 
 __all__ = [
-    "TASKS", "Batch", "Task", "TaskNameError", "build_task", "check_indices", "check_task", "configure_loader",
-    "cross_entropy_sums", "default_init_", "derive_seed", "eval_forward", "new_generator", "on_meta",
-    "resolve_task", "to_model_device",
+    "TASKS",
+    "Batch",
+    "Task",
+    "TaskNameError",
+    "build_task",
+    "check_indices",
+    "check_task",
+    "configure_loader",
+    "cross_entropy_sums",
+    "default_init_",
+    "derive_seed",
+    "eval_forward",
+    "new_generator",
+    "on_meta",
+    "resolve_task",
+    "to_model_device",
 ]
 
 

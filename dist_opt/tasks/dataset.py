@@ -79,8 +79,10 @@ def _seed_worker(worker_id: int) -> None:
 def _check_batch(batch: Batch) -> None:
     """TypeError unless ``batch`` is a tuple (inputs..., target)."""
     if not isinstance(batch, tuple | list) or len(batch) < 2:
-        raise TypeError(f"DatasetTask: a batch must be a tuple (inputs..., target), got a {type(batch).__name__} "
-                        "(check collate_fn)")
+        raise TypeError(
+            f"DatasetTask: a batch must be a tuple (inputs..., target), got a {type(batch).__name__} "
+            "(check collate_fn)"
+        )
 
 
 def _rows(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,10 +115,14 @@ class DatasetTask(Task):
         has_accuracy: bool | None = None,
     ) -> None:
         if not callable(model_fn) or isinstance(model_fn, nn.Module):
-            raise TypeError("DatasetTask: model_fn must be a function returning a new nn.Module (e.g. lambda: MyNet())")
+            raise TypeError(
+                "DatasetTask: model_fn must be a function returning a new nn.Module (e.g. lambda: MyNet())"
+            )
         self.model_fn, self.loss_fn, self.metrics_fn = model_fn, loss_fn, metrics_fn
         self.tokens_per_sample = int(tokens_per_sample)
-        self.has_accuracy = (loss_fn is None and metrics_fn is None) if has_accuracy is None else bool(has_accuracy)
+        self.has_accuracy = (
+            (loss_fn is None and metrics_fn is None) if has_accuracy is None else bool(has_accuracy)
+        )
         self._seed = seed
         self._run_seed: int | None = None
         self._train_size = check_dataset(train_data, "train")
@@ -148,8 +154,10 @@ class DatasetTask(Task):
         :meth:`build_model` and :meth:`train_batches` (the trainer does, through
         ``dist_opt.tasks.configure_loader``)."""
         workers = int(getattr(data, "num_workers", 0))
-        options: dict[str, Any] = {"num_workers": workers,
-                                   "pin_memory": bool(getattr(data, "pin_memory", False)) and torch.cuda.is_available()}
+        options: dict[str, Any] = {
+            "num_workers": workers,
+            "pin_memory": bool(getattr(data, "pin_memory", False)) and torch.cuda.is_available(),
+        }
         if workers > 0:
             prefetch = getattr(data, "prefetch_factor", None)
             if prefetch is not None:
@@ -197,9 +205,13 @@ class DatasetTask(Task):
         if self._loader is None:
             workers = self._loader_options["num_workers"] > 0
             self._loader = DataLoader(
-                self._train, batch_sampler=self._feed, collate_fn=passthrough,
+                self._train,
+                batch_sampler=self._feed,
+                collate_fn=passthrough,
                 generator=torch.Generator().manual_seed(derive_seed(self.seed, "dataset.loader")),
-                worker_init_fn=_seed_worker if workers else None, **self._loader_options)
+                worker_init_fn=_seed_worker if workers else None,
+                **self._loader_options,
+            )
         return self._loader
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -67,8 +67,10 @@ def resolve_task(name: str) -> type[Task] | TaskFactory:
     ``task.name: cannot import 'x.y:Z': No module named 'x'``."""
     builtin = TASKS.get(name)
     if builtin is None and ":" not in name:
-        raise TaskNameError(f"task.name: unknown task {name!r} (choose from {', '.join(sorted(TASKS))} "
-                            "or give an import path 'package.module:attribute')")
+        raise TaskNameError(
+            f"task.name: unknown task {name!r} (choose from {', '.join(sorted(TASKS))} "
+            "or give an import path 'package.module:attribute')"
+        )
     module_name, _, attr = (builtin or name).partition(":")
     if builtin is None:
         _cwd_on_path()
@@ -85,8 +87,10 @@ def resolve_task(name: str) -> type[Task] | TaskFactory:
             missing = ", ".join(sorted(obj.__abstractmethods__))
             raise TaskNameError(f"task.name: {name!r} is an abstract Task (it does not implement {missing})")
     elif not callable(obj):
-        raise TaskNameError(f"task.name: {name!r} is not a Task subclass or a callable returning one "
-                            f"(it is a {type(obj).__name__})")
+        raise TaskNameError(
+            f"task.name: {name!r} is not a Task subclass or a callable returning one "
+            f"(it is a {type(obj).__name__})"
+        )
     return obj
 
 
@@ -102,8 +106,10 @@ def _arguments(factory: Callable[..., Any], cfg: TaskConfig, seed: int, name: st
         except TypeError:
             continue
         return args
-    raise TaskNameError(f"task.name: {name!r} must accept (task_config, seed), (task_config) or no arguments "
-                        f"(its signature is {sig})")
+    raise TaskNameError(
+        f"task.name: {name!r} must accept (task_config, seed), (task_config) or no arguments "
+        f"(its signature is {sig})"
+    )
 
 
 def build_task(cfg: TaskConfig, seed: int) -> Task:

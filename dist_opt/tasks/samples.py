@@ -59,10 +59,13 @@ def check_dataset(data: Any, what: str) -> int:
         raise TypeError(
             f"DatasetTask: {what} data is an IterableDataset, but training reads samples by index (the global-batch "
             "sampler picks them, so a run resumes exactly at any world size); wrap it as a map-style Dataset "
-            "with __len__ and __getitem__(index)")
+            "with __len__ and __getitem__(index)"
+        )
     if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
-        raise TypeError(f"DatasetTask: {what} data ({_kind(data)}) needs __len__ and __getitem__(index) "
-                        "(a map-style torch.utils.data.Dataset)")
+        raise TypeError(
+            f"DatasetTask: {what} data ({_kind(data)}) needs __len__ and __getitem__(index) "
+            "(a map-style torch.utils.data.Dataset)"
+        )
     n = len(data)
     if n == 0:
         raise ValueError(f"DatasetTask: {what} data is empty")
@@ -73,14 +76,20 @@ def check_sample(sample: Any, index: int, what: str, like: Any = None) -> None:
     """One cheap look at a sample meant for the default collate: a tuple (inputs..., target) of
     batchable elements, with as many elements as ``like`` (another split's sample) if given."""
     if not isinstance(sample, tuple | list) or len(sample) < 2:
-        raise SampleError(f"{what} sample {index}: expected an (input, target) tuple, got a {_kind(sample)} "
-                          "(return (input, target) from __getitem__, or pass collate_fn to build batches yourself)")
+        raise SampleError(
+            f"{what} sample {index}: expected an (input, target) tuple, got a {_kind(sample)} "
+            "(return (input, target) from __getitem__, or pass collate_fn to build batches yourself)"
+        )
     for k, element in enumerate(sample):
         if not _batchable(element):
-            raise SampleError(f"{what} sample {index}: element {k} is a {_kind(element)}, which cannot be batched "
-                              "(return tensors, numbers or numpy arrays, or pass collate_fn)")
+            raise SampleError(
+                f"{what} sample {index}: element {k} is a {_kind(element)}, which cannot be batched "
+                "(return tensors, numbers or numpy arrays, or pass collate_fn)"
+            )
     if like is not None and len(like) != len(sample):
-        raise SampleError(f"{what} sample {index} has {len(sample)} elements but train sample 0 has {len(like)}")
+        raise SampleError(
+            f"{what} sample {index} has {len(sample)} elements but train sample 0 has {len(like)}"
+        )
 
 
 def _difference(a: Any, b: Any) -> str | None:
@@ -108,8 +117,10 @@ def collate_problem(samples: list[Any], indices: Sequence[int], what: str, error
     for i, sample in zip(indices[1:], samples[1:], strict=True):
         why = _difference(samples[0], sample)
         if why is not None:
-            return (f"{what} sample {i}: {why} (in {what} sample {indices[0]}); the samples of a batch must "
-                    "match: pass collate_fn to pad or otherwise combine them")
+            return (
+                f"{what} sample {i}: {why} (in {what} sample {indices[0]}); the samples of a batch must "
+                "match: pass collate_fn to pad or otherwise combine them"
+            )
     shown = ", ".join(map(str, indices[:8])) + (", ..." if len(indices) > 8 else "")
     lines = str(error).strip().splitlines() or [type(error).__name__]
     return f"{what} samples [{shown}]: cannot be batched: {lines[0]}"

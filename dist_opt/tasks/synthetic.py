@@ -78,7 +78,7 @@ class _Teacher:
         self.mix = (q * s.sqrt()).T.to(torch.float32).contiguous()
         if cfg.kind == "classification":
             self.a = (torch.randn(cfg.hidden, cfg.dim, generator=g) / math.sqrt(cfg.dim)).T.contiguous()
-            self.c = (torch.randn(cfg.classes, cfg.hidden, generator=g) * (LOGIT_SCALE / math.sqrt(cfg.hidden)))
+            self.c = torch.randn(cfg.classes, cfg.hidden, generator=g) * (LOGIT_SCALE / math.sqrt(cfg.hidden))
             self.c = self.c.T.contiguous()
         else:
             w = torch.randn(cfg.dim, generator=g, dtype=torch.float64)

@@ -109,8 +109,11 @@ class MetricsFile:
         if self.path.exists():
             rows = read_metrics(self.path)
             self.previous_last_step = _last_step(rows)
-            self.kept = keep = [r for r in rows if "event" not in r and isinstance(r.get("step"), int)
-                    and r["step"] <= resume_step]
+            self.kept = keep = [
+                r
+                for r in rows
+                if "event" not in r and isinstance(r.get("step"), int) and r["step"] <= resume_step
+            ]
             tmp = self.path.with_name(self.path.name + ".tmp")
             with open(tmp, "w", encoding="utf-8") as fh:
                 fh.writelines(encode_line(r) + "\n" for r in keep)

@@ -62,8 +62,14 @@ class Tracker:
     has every step once, strictly increasing.
     """
 
-    def __init__(self, cfg: Config, run_dir: str | Path, rank: int, run_id: str | None = None,
-                 resume_step: int | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: str | Path,
+        rank: int,
+        run_id: str | None = None,
+        resume_step: int | None = None,
+    ):
         self.rank = rank
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / METRICS_FILE
@@ -100,8 +106,11 @@ class Tracker:
         try:
             import wandb  # noqa: F401
         except ImportError:
-            print("tracking: wandb is not installed, metrics go to metrics.jsonl only "
-                  "(pip install 'dist-opt[wandb]' or set tracking.wandb.mode=disabled)", file=sys.stderr)
+            print(
+                "tracking: wandb is not installed, metrics go to metrics.jsonl only "
+                "(pip install 'dist-opt[wandb]' or set tracking.wandb.mode=disabled)",
+                file=sys.stderr,
+            )
             return
         try:
             self.wandb_run = start_run(kwargs)
@@ -119,8 +128,11 @@ class Tracker:
     def _warn_once(self, kind: str, msg: str) -> None:
         if kind not in self._warned:
             self._warned.add(kind)
-            warnings.warn(f"tracking: {msg} (further such logs are not sent to W&B either)",
-                          RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"tracking: {msg} (further such logs are not sent to W&B either)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         """Write ``{"step": step, **metrics}`` to metrics.jsonl and log it to W&B at ``step``."""
@@ -135,11 +147,16 @@ class Tracker:
 
     def _send(self, row: dict[str, Any], step: int) -> None:
         if self._wandb_floor is not None and step <= self._wandb_floor:
-            self._warn_once("resume", f"step {step}: W&B run {self.run_id} already holds steps up to {self._wandb_floor} "
-                            "from before the resume; not re-logged")
+            self._warn_once(
+                "resume",
+                f"step {step}: W&B run {self.run_id} already holds steps up to {self._wandb_floor} "
+                "from before the resume; not re-logged",
+            )
             return
         if self._wandb_last is not None and step < self._wandb_last:
-            self._warn_once("order", f"step {step} < last logged step {self._wandb_last}; W&B steps must increase")
+            self._warn_once(
+                "order", f"step {step} < last logged step {self._wandb_last}; W&B steps must increase"
+            )
             return
         self.wandb_run.log({k: v for k, v in row.items() if v is not None}, step=step)
         self._wandb_last = step
@@ -166,8 +183,11 @@ class Tracker:
                 sync_file = self.wandb_run.settings.sync_file
                 self.wandb_run.finish(exit_code=exit_code)
                 if sync_file and not wait_for_exit_record(sync_file, FINISH_WAIT_S):
-                    warnings.warn(f"tracking: W&B has not completed {sync_file} after {FINISH_WAIT_S:.0f} s",
-                                  RuntimeWarning, stacklevel=2)
+                    warnings.warn(
+                        f"tracking: W&B has not completed {sync_file} after {FINISH_WAIT_S:.0f} s",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
         finally:
             if self._file is not None:
                 self._file.close()

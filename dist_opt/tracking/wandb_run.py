@@ -36,11 +36,23 @@ from dist_opt.config.schema import WandbConfig
 from dist_opt.config.secrets import REDACTED, env_secret_values, is_secret_name, scrub_values
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
-          "disabled": "disabled", "shared": "shared"}
+_MODES = {
+    "online": "online",
+    "run": "online",
+    "offline": "offline",
+    "dryrun": "offline",
+    "disabled": "disabled",
+    "shared": "shared",
+}
 # init kwarg -> the environment variable that overrides it
-_ENV_OVERRIDES = {"project": "WANDB_PROJECT", "entity": "WANDB_ENTITY", "group": "WANDB_RUN_GROUP",
-                  "name": "WANDB_NAME", "tags": "WANDB_TAGS", "dir": "WANDB_DIR"}
+_ENV_OVERRIDES = {
+    "project": "WANDB_PROJECT",
+    "entity": "WANDB_ENTITY",
+    "group": "WANDB_RUN_GROUP",
+    "name": "WANDB_NAME",
+    "tags": "WANDB_TAGS",
+    "dir": "WANDB_DIR",
+}
 
 
 def new_run_id(length: int = 8) -> str:
@@ -68,18 +80,30 @@ def effective_mode(wcfg: WandbConfig, env: Mapping[str, str] | None = None) -> s
     return wcfg.mode
 
 
-def init_kwargs(wcfg: WandbConfig, run_dir: str | os.PathLike, run_id: str, config: dict,
-                env: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+def init_kwargs(
+    wcfg: WandbConfig,
+    run_dir: str | os.PathLike,
+    run_id: str,
+    config: dict,
+    env: Mapping[str, str] | None = None,
+) -> dict[str, Any] | None:
     """Keyword arguments for ``wandb.init``, or None when W&B is disabled."""
     env = os.environ if env is None else env
     mode = effective_mode(wcfg, env)
     if mode == "disabled":
         return None
-    values: dict[str, Any] = {"project": wcfg.project, "entity": wcfg.entity, "group": wcfg.group,
-                              "name": wcfg.name, "tags": list(wcfg.tags) or None,
-                              "dir": str(wcfg.dir if wcfg.dir is not None else run_dir)}
+    values: dict[str, Any] = {
+        "project": wcfg.project,
+        "entity": wcfg.entity,
+        "group": wcfg.group,
+        "name": wcfg.name,
+        "tags": list(wcfg.tags) or None,
+        "dir": str(wcfg.dir if wcfg.dir is not None else run_dir),
+    }
     values = scrub_values(values, env_secret_values(env))  # a secret value never names a run
-    kwargs: dict[str, Any] = {k: v for k, v in values.items() if v is not None and not env.get(_ENV_OVERRIDES[k])}
+    kwargs: dict[str, Any] = {
+        k: v for k, v in values.items() if v is not None and not env.get(_ENV_OVERRIDES[k])
+    }
     kwargs.update(mode=mode, id=check_run_id(run_id), resume="allow", config=config, reinit="create_new")
     return kwargs
 

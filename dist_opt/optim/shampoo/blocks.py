@@ -79,8 +79,10 @@ def save_block(b: BlockInfo, st: BlockState) -> dict[str, Any]:
 def load_block(b: BlockInfo, st: BlockState, entry: dict[str, Any], pdtype: torch.dtype) -> None:
     """Copy a saved entry into ``st`` (checks the block's shape and that every needed tensor is there)."""
     if [int(d) for d in entry.get("shape", [])] != list(b.block.shape):
-        raise ValueError(f"shampoo state for block {b.key!r} has shape {entry.get('shape')}, expected "
-                         f"{list(b.block.shape)} (different max_preconditioner_dim?)")
+        raise ValueError(
+            f"shampoo state for block {b.key!r} has shape {entry.get('shape')}, expected "
+            f"{list(b.block.shape)} (different max_preconditioner_dim?)"
+        )
     names = factor_names(len(st.factors))
     for i, n in enumerate(names):
         st.factors[i].copy_(_need(entry, n, b.key))

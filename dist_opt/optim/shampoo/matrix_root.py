@@ -95,8 +95,14 @@ def gram_update_(h: Tensor, x: Tensor, alpha: float, beta: float, use_blas: bool
     With scipy this is one BLAS syrk on the tensors' memory (half the flops of a matmul);
     otherwise (or with ``use_blas=False``) ``torch.addmm`` on the full matrix.
     """
-    blas_ok = (_blas is not None and h.device.type == "cpu" and h.dtype in _SYRK and x.dtype == h.dtype
-               and h.is_contiguous() and (x.is_contiguous() or x.T.is_contiguous()))
+    blas_ok = (
+        _blas is not None
+        and h.device.type == "cpu"
+        and h.dtype in _SYRK
+        and x.dtype == h.dtype
+        and h.is_contiguous()
+        and (x.is_contiguous() or x.T.is_contiguous())
+    )
     if not (blas_ok if use_blas is None else use_blas and blas_ok):
         return h.addmm_(x, x.T, beta=beta, alpha=alpha)
     syrk = getattr(_blas, _SYRK[h.dtype])

@@ -59,14 +59,21 @@ class Shampoo(Rule):
     replicated_pieces = True
     decoupled_weight_decay = True
 
-    def __init__(self, betas: tuple[float, float] = _D["betas"], eps: float = _D["eps"],
-                 max_preconditioner_dim: int = _D["max_preconditioner_dim"],
-                 precondition_frequency: int = _D["precondition_frequency"],
-                 start_preconditioning_step: int = _D["start_preconditioning_step"],
-                 exponent_override: float | None = _D["exponent_override"], grafting: str = _D["grafting"],
-                 grafting_beta2: float = _D["grafting_beta2"], grafting_eps: float = _D["grafting_eps"],
-                 preconditioner_dtype: str = _D["preconditioner_dtype"], nesterov: bool = _D["nesterov"],
-                 bias_correction: bool = _D["bias_correction"]):
+    def __init__(
+        self,
+        betas: tuple[float, float] = _D["betas"],
+        eps: float = _D["eps"],
+        max_preconditioner_dim: int = _D["max_preconditioner_dim"],
+        precondition_frequency: int = _D["precondition_frequency"],
+        start_preconditioning_step: int = _D["start_preconditioning_step"],
+        exponent_override: float | None = _D["exponent_override"],
+        grafting: str = _D["grafting"],
+        grafting_beta2: float = _D["grafting_beta2"],
+        grafting_eps: float = _D["grafting_eps"],
+        preconditioner_dtype: str = _D["preconditioner_dtype"],
+        nesterov: bool = _D["nesterov"],
+        bias_correction: bool = _D["bias_correction"],
+    ):
         b1, b2 = (float(b) for b in betas)
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 <= 1.0):
             raise ValueError(f"optimizer.betas: need 0 <= beta1 < 1 and 0 <= beta2 <= 1, got {tuple(betas)}")
@@ -77,16 +84,22 @@ class Shampoo(Rule):
         if precondition_frequency < 1:
             raise ValueError(f"optimizer.precondition_frequency: must be >= 1, got {precondition_frequency}")
         if start_preconditioning_step < 1:
-            raise ValueError(f"optimizer.start_preconditioning_step: must be >= 1, got {start_preconditioning_step}")
+            raise ValueError(
+                f"optimizer.start_preconditioning_step: must be >= 1, got {start_preconditioning_step}"
+            )
         if exponent_override is not None and not 0 < exponent_override <= 1:
-            raise ValueError(f"optimizer.exponent_override: the exponent e of H^(-e), in (0, 1] (e.g. 0.25; for a "
-                             f"p-th root use 1/p), got {exponent_override}")
+            raise ValueError(
+                f"optimizer.exponent_override: the exponent e of H^(-e), in (0, 1] (e.g. 0.25; for a "
+                f"p-th root use 1/p), got {exponent_override}"
+            )
         if grafting not in GRAFTS:
             raise ValueError(f"optimizer.grafting: expected one of {', '.join(GRAFTS)}, got {grafting!r}")
         if not 0.0 <= grafting_beta2 <= 1.0:
             raise ValueError(f"optimizer.grafting_beta2: must be in [0, 1], got {grafting_beta2}")
         if preconditioner_dtype not in DTYPES:
-            raise ValueError(f"optimizer.preconditioner_dtype: expected float32 or float64, got {preconditioner_dtype!r}")
+            raise ValueError(
+                f"optimizer.preconditioner_dtype: expected float32 or float64, got {preconditioner_dtype!r}"
+            )
         self.betas = (b1, b2)
         self.eps = float(eps)
         self.max_dim = int(max_preconditioner_dim)
@@ -127,8 +140,10 @@ class Shampoo(Rule):
             for pi, (slot, shape) in enumerate(zip(g.layers, g.shapes, strict=True)):
                 numel = math.prod(shape)
                 if g.params[pi].numel() != numel or g.grads[pi].numel() != numel:
-                    raise RuntimeError("Shampoo needs whole tensors: the engine must hand it replicated pieces "
-                                       f"(layer {slot}: piece of {g.params[pi].numel()} elements, shape {shape})")
+                    raise RuntimeError(
+                        "Shampoo needs whole tensors: the engine must hand it replicated pieces "
+                        f"(layer {slot}: piece of {g.params[pi].numel()} elements, shape {shape})"
+                    )
                 pieces.append((slot, gi, pi, tuple(shape)))
         pieces.sort()
         blocks: list[tuple[str, int, int, int, LayerBlocking, Block]] = []
@@ -150,15 +165,22 @@ class Shampoo(Rule):
         self.state = {b.key: self._fresh_state(b, ref) for b in self.owned}
         width = max(fill)
         self._send = torch.zeros(width, dtype=ref.dtype, device=ref.device)
-        self._recv = torch.zeros(width * self.world, dtype=ref.dtype, device=ref.device) if self.world > 1 else None
+        self._recv = (
+            torch.zeros(width * self.world, dtype=ref.dtype, device=ref.device) if self.world > 1 else None
+        )
         self._apply_pending()
 
     def _fresh_state(self, b: BlockInfo, ref: Tensor) -> BlockState:
         shape = b.block.shape
-        factors = [] if b.diagonal else [torch.zeros(d, d, dtype=self.pdtype, device=ref.device) for d in shape]
+        factors = (
+            [] if b.diagonal else [torch.zeros(d, d, dtype=self.pdtype, device=ref.device) for d in shape]
+        )
         momentum = torch.zeros(shape, dtype=ref.dtype, device=ref.device) if self.betas[0] > 0 else None
-        graft = (torch.zeros(shape, dtype=ref.dtype, device=ref.device)
-                 if self.grafting in STATEFUL_GRAFTS else None)
+        graft = (
+            torch.zeros(shape, dtype=ref.dtype, device=ref.device)
+            if self.grafting in STATEFUL_GRAFTS
+            else None
+        )
         return BlockState(factors, [None] * len(factors), momentum, graft, 0, [1.0] * len(factors))
 
     # -- step -------------------------------------------------------------------------------------
@@ -168,8 +190,13 @@ class Shampoo(Rule):
         if self.plan is None:
             self._build(groups, ctx, comm)
         else:
-            sig = tuple(sorted((slot, tuple(shape)) for g in groups for slot, shape in zip(g.layers, g.shapes,
-                                                                                            strict=True)))
+            sig = tuple(
+                sorted(
+                    (slot, tuple(shape))
+                    for g in groups
+                    for slot, shape in zip(g.layers, g.shapes, strict=True)
+                )
+            )
             if sig != self._signature:
                 raise RuntimeError("Shampoo: the parameter layout changed after the first step")
         t = ctx.step
@@ -177,8 +204,16 @@ class Shampoo(Rule):
         t0 = time.perf_counter()
         for b in self.owned:
             g = groups[b.group]
-            self._update_block(b, self.state[b.key], g.params[b.piece], g.grads[b.piece], t, refresh,
-                               float(g.hp["lr"]), float(g.hp.get("weight_decay", 0.0)))
+            self._update_block(
+                b,
+                self.state[b.key],
+                g.params[b.piece],
+                g.grads[b.piece],
+                t,
+                refresh,
+                float(g.hp["lr"]),
+                float(g.hp.get("weight_decay", 0.0)),
+            )
         t1 = time.perf_counter()
         self._exchange(groups, comm)
         if refresh or self._stats_dirty:
@@ -189,14 +224,24 @@ class Shampoo(Rule):
         ctx.stats["time/shampoo_blocks_ms"] = 1e3 * (t1 - t0)  # this rank's blocks (incl. root refresh)
         ctx.stats["time/shampoo_exchange_ms"] = 1e3 * (time.perf_counter() - t1)  # all-gather + unpack
 
-    def _update_block(self, b: BlockInfo, st: BlockState, param: Tensor, grad: Tensor, t: int, refresh: bool,
-                      lr: float, wd: float) -> None:
+    def _update_block(
+        self,
+        b: BlockInfo,
+        st: BlockState,
+        param: Tensor,
+        grad: Tensor,
+        t: int,
+        refresh: bool,
+        lr: float,
+        wd: float,
+    ) -> None:
         grad_b = block_view(grad, b.layer, b.block)
         grad_b = grad_b if grad_b.is_contiguous() else grad_b.contiguous()
         grad_b = grad_b.view(b.block.shape)
         m = first_moment(st.momentum, grad_b, t, self.betas[0], self.nesterov, self.bias_correction)
-        d_graft = graft_direction(self.grafting, st.graft, grad_b, m, t, self.graft_beta2, self.graft_eps,
-                                  self.bias_correction)
+        d_graft = graft_direction(
+            self.grafting, st.graft, grad_b, m, t, self.graft_beta2, self.graft_eps, self.bias_correction
+        )
         if b.diagonal:
             d = d_graft
         else:
@@ -211,7 +256,7 @@ class Shampoo(Rule):
                     d = d.mul_(dg_norm / ds_norm if ds_norm > 0 else 0.0)
             else:
                 d = d_graft
-        new = self._send[b.offset:b.offset + b.block.numel].view(b.block.shape)
+        new = self._send[b.offset : b.offset + b.block.numel].view(b.block.shape)
         p = block_view(param, b.layer, b.block)
         if wd:
             torch.mul(p, 1.0 - lr * wd, out=new)
@@ -268,7 +313,7 @@ class Shampoo(Rule):
             comm.all_gather(self._recv, self._send)
             buf = self._recv.view(self.world, -1)
         for b in self.plan:
-            src = buf[b.owner, b.offset:b.offset + b.block.numel]
+            src = buf[b.owner, b.offset : b.offset + b.block.numel]
             dst = block_view(groups[b.group].params[b.piece], b.layer, b.block)
             dst.copy_(src.view(dst.shape))
 
@@ -282,8 +327,8 @@ class Shampoo(Rule):
             vec[self.rank] = fails
             vec[self.world + self.rank] = cond
             comm.all_reduce(vec)
-            self.global_root_failures = int(vec[:self.world].sum())
-            self.global_max_condition = float(vec[self.world:].max())
+            self.global_root_failures = int(vec[: self.world].sum())
+            self.global_max_condition = float(vec[self.world :].max())
         self._stats_dirty = False
 
     # -- state ------------------------------------------------------------------------------------
@@ -309,8 +354,10 @@ class Shampoo(Rule):
         known = {b.key for b in self.plan}
         unknown = sorted(set(state) - known)
         if unknown:
-            raise KeyError(f"shampoo state has blocks this model does not have: {', '.join(unknown[:5])} (different "
-                           "model or max_preconditioner_dim?)")
+            raise KeyError(
+                f"shampoo state has blocks this model does not have: {', '.join(unknown[:5])} (different "
+                "model or max_preconditioner_dim?)"
+            )
         for b in self.owned:
             entry = state.get(b.key)
             if entry is None:
@@ -325,8 +372,11 @@ class Shampoo(Rule):
 
     def preconditioner_bytes(self) -> int:
         """Bytes of statistics and roots held by this rank."""
-        return sum(t.numel() * t.element_size() for st in self.state.values()
-                   for t in list(st.factors) + [r for r in st.roots if r is not None])
+        return sum(
+            t.numel() * t.element_size()
+            for st in self.state.values()
+            for t in list(st.factors) + [r for r in st.roots if r is not None]
+        )
 
 
 def build_shampoo(**hp: Any) -> Shampoo:
