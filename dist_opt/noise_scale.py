@@ -1,4 +1,4 @@
-"""Gradient noise scale B_simple (SPEC 8; McCandlish et al. 2018, App. A.1), pure math.
+"""Gradient noise scale B_simple (McCandlish et al. 2018, App. A.1), pure math.
 
 Data parallelism gives two gradient estimates per step for free: each rank's local gradient over
 ``b_small`` samples (before reduction) and the reduced gradient over ``b_big`` samples. With

@@ -381,7 +381,7 @@ class TrackingConfig(Section):
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     """Weights & Biases settings."""
     noise_scale: bool = True
-    """Estimate the gradient noise scale B_simple (SPEC 8) when world size > 1."""
+    """Estimate the gradient noise scale B_simple (McCandlish et al. 2018) when world size > 1."""
     noise_scale_ema: Annotated[float, Field(ge=0, lt=1)] = 0.95
     """EMA factor of the B_simple numerator and denominator."""
 

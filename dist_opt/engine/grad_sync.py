@@ -3,7 +3,7 @@
 Per-parameter post-accumulate-grad hooks count what is ready; buckets are launched strictly in
 layout order (a bucket only after all earlier ones), so every rank issues the same collectives
 in the same order even when backward visits parameters in a different order. Averaging is
-sum-then-divide, once, by (world x micro-steps) (SPEC §1; never gloo's AVG).
+sum-then-divide, once, by (world x micro-steps) (never gloo's AVG; see docs/algorithms.md).
 
 stage 0/1: ``p.grad`` are views into one flat, padded, param-major buffer; autograd accumulates
            in place across micro-steps; on the sync micro-step each full bucket is all-reduced.

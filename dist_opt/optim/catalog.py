@@ -1,6 +1,6 @@
 """The built-in optimizers, each declared once (see ``dist_opt.optim.spec``), and their config keys.
 
-Defaults are the papers' / torch.optim's, never the source text's pseudo-code: Adam betas
+Defaults are the papers' / torch.optim's, never common textbook pseudo-code (see docs/algorithms.md): Adam betas
 (0.9, 0.999), eps 1e-8, bias correction on; LAMB eps 1e-6 with v from g²; LARS with a global lr;
 Shampoo (0.9, 1.0) where beta2 = 1 sums the statistics AdaGrad-style. The rule classes live in
 ``elementwise`` (torch.optim kernels), ``trust`` (LARS, LAMB) and ``shampoo``. Imports no torch.
