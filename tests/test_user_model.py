@@ -77,6 +77,13 @@ def _single(out_dir: Path, overrides: list[str], task_fn: str | None = None) -> 
 
 
 @pytest.fixture(scope="module")
+def ds_reference(tmp_path_factory) -> dict:
+    """The DatasetTask of user_tasks.ln_dataset_task trained as one process, no DataLoader workers."""
+    out = tmp_path_factory.mktemp("dsref") / "run"
+    return _single(out, ["data.micro_batch=12", "data.num_workers=0"], task_fn="ln_dataset_task")["params"]
+
+
+@pytest.fixture(scope="module")
 def ln_reference(tmp_path_factory) -> dict:
     return _single(tmp_path_factory.mktemp("ref") / "run", [*IMPORTED, "data.micro_batch=12"])["params"]
 
@@ -162,12 +169,11 @@ def _torchrun(d: Path, nproc: int, out: Path, overrides: list[str]) -> None:
 
 
 @pytest.mark.timeout(420)
-def test_fit_script_under_torchrun_with_workers_and_resharded_resume(tmp_path):
+def test_fit_script_under_torchrun_with_workers_and_resharded_resume(tmp_path, ds_reference):
     """A DatasetTask read through DataLoader workers: 2 ranks under torchrun equal one process
     without workers; resuming its step-6 checkpoint on 1 and on 3 ranks ends at the same weights."""
     d = _user_dir(tmp_path)
     (d / "train_script.py").write_text(SCRIPT)
-    ref = _single(tmp_path / "ref", ["data.micro_batch=12", "data.num_workers=0"], task_fn="ln_dataset_task")
     full = d / "runs" / "full"
     _torchrun(
         d,
@@ -175,7 +181,7 @@ def test_fit_script_under_torchrun_with_workers_and_resharded_resume(tmp_path):
         full,
         ["data.micro_batch=6", "data.num_workers=2", "distributed.zero_stage=2", "checkpoint.every_steps=6"],
     )
-    _close(_params(full), ref["params"], "torchrun 2 ranks, 2 workers")
+    _close(_params(full), ds_reference, "torchrun 2 ranks, 2 workers")
     ckpt = store.step_dir(store.checkpoints_dir(full), 6)
     assert ckpt.is_dir()
     one = d / "runs" / "resume1"
@@ -206,6 +212,32 @@ def test_fit_script_under_torchrun_with_workers_and_resharded_resume(tmp_path):
         ["data.micro_batch=4", "data.num_workers=2", "distributed.zero_stage=1", f"resume={ckpt}"],
     )
     _close(_params(three), _params(full), "resumed on 3 ranks")
+
+
+@pytest.mark.timeout(240)
+def test_dist_opt_launch_runs_a_user_script_on_every_rank(tmp_path, ds_reference):
+    d = _user_dir(tmp_path)
+    (d / "train_script.py").write_text(SCRIPT)
+    out = d / "runs" / "launched"
+    cmd = [
+        sys.executable,
+        "-m",
+        "dist_opt",
+        "launch",
+        "--launcher",
+        "torchrun",
+        "--nproc-per-node",
+        "2",
+        "--script",
+        "train_script.py",
+        "--",
+        str(out),
+        *BASE,
+        "data.micro_batch=6",
+    ]
+    proc = subprocess.run(cmd, cwd=d, env=_env(), capture_output=True, text=True, timeout=220)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _close(_params(out), ds_reference, "dist-opt launch --script, 2 ranks")
 
 
 def test_batchnorm_buffers_identical_on_every_rank_and_swa_refresh_works(tmp_path, world2):

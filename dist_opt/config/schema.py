@@ -23,7 +23,14 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from dist_opt.optim.spec import declared_keys, inapplicable, key_defaults, rule_names, rule_spec
+from dist_opt.optim.spec import (
+    DEFAULT_EXCLUDE,
+    declared_keys,
+    inapplicable,
+    key_defaults,
+    rule_names,
+    rule_spec,
+)
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -175,8 +182,6 @@ class TrainConfig(Section):
 
 def _default_exclude() -> list[str]:
     """The engine's default exclusion patterns (imported when needed: the engine imports the config)."""
-    from dist_opt.engine.core import DEFAULT_EXCLUDE
-
     return list(DEFAULT_EXCLUDE)
 
 

@@ -37,12 +37,12 @@ from dist_opt.dist.collectives import Comm
 from dist_opt.engine.state_api import ShardStateAPI
 from dist_opt.optim.base import GroupShard, Rule, StepContext
 from dist_opt.optim.registry import group_key
+from dist_opt.optim.spec import DEFAULT_EXCLUDE
+
+__all__ = ["DEFAULT_EXCLUDE", "GroupOptions", "PieceOptimizer", "build_param_groups"]
 
 if TYPE_CHECKING:
     from dist_opt.config.schema import OptimizerConfig
-
-#: name patterns excluded from weight decay and trust ratios by default (``optimizer.exclude_*``)
-DEFAULT_EXCLUDE = ("bias", "norm", "bn", "ln")
 
 
 @dataclass(frozen=True)

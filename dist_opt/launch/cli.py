@@ -97,7 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="extra environment variable for every rank (repeatable)",
     )
-    p.add_argument("--module", default=DEFAULT_MODULE, help="entry module run by every rank")
+    p.add_argument(
+        "--module",
+        default=DEFAULT_MODULE,
+        help="entry module run by every rank as `python -m MODULE CONFIG KEY=VALUE...` (default dist_opt.train)",
+    )
+    p.add_argument(
+        "--script",
+        help="run this Python script on every rank instead (e.g. one calling dist_opt.fit); "
+        "its arguments follow `--`, and CONFIG is not given",
+    )
     p.add_argument(
         "--python",
         default=sys.executable,
@@ -122,12 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run", action="store_true", help="print each node's command and environment; start nothing"
     )
-    p.add_argument("config", metavar="CONFIG", help="YAML config file")
+    p.add_argument("config", metavar="CONFIG", nargs="?", help="YAML config file (not with --script)")
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE", help="dotted config overrides")
     return p
 
 
 def _check_inputs(args: argparse.Namespace) -> None:
+    if args.script is not None:
+        if args.module != DEFAULT_MODULE:
+            raise LaunchError("--script and --module: give one of them")
+        if args.config is not None or args.overrides:
+            raise LaunchError("--script: the script's arguments go after `--` (no CONFIG)")
+        if not os.path.isfile(args.script):
+            raise LaunchError(f"--script {args.script}: file not found")
+        return _check_common(args)
+    if args.config is None:
+        raise LaunchError("CONFIG is required (or --script SCRIPT -- ARGS)")
     for item in args.overrides:
         if item.startswith("-"):
             raise LaunchError(f"{item!r} after CONFIG: options must come before CONFIG")
@@ -135,6 +154,10 @@ def _check_inputs(args: argparse.Namespace) -> None:
             raise LaunchError(f"override {item!r}: expected dotted.key=value")
     if not _MODULE.match(args.module):
         raise LaunchError(f"--module {args.module!r} is not a Python module name")
+    _check_common(args)
+
+
+def _check_common(args: argparse.Namespace) -> None:
     if args.run_id is not None and not _RUN_ID.match(args.run_id):
         raise LaunchError(f"--run-id {args.run_id!r}: use letters, digits, '.', '_' and '-' (at most 64)")
     if args.master_addr is not None and not is_valid_host(args.master_addr):
@@ -194,13 +217,18 @@ def make_request(args: argparse.Namespace) -> Request:
         or (cores_on_node(os.environ) if args.launcher == "slurm" else None)
         or usable_cores()
     )
-    config = os.path.abspath(args.config) if os.path.exists(args.config) else args.config
+    if args.script is not None:
+        config, overrides = "", tuple(getattr(args, "script_args", ()))
+    else:
+        config = os.path.abspath(args.config) if os.path.exists(args.config) else args.config
+        overrides = tuple(args.overrides)
     req = Request(
         launcher=args.launcher,
         nodes=nodes,
         config=config,
-        overrides=tuple(args.overrides),
+        overrides=overrides,
         module=args.module,
+        script=os.path.abspath(args.script) if args.script is not None else None,
         python=args.python,
         cwd=os.getcwd(),
         master_addr=args.master_addr,
@@ -221,7 +249,7 @@ def make_request(args: argparse.Namespace) -> Request:
         ),
         dry_run=args.dry_run,
     )
-    if args.module == DEFAULT_MODULE and not args.no_validate:
+    if args.module == DEFAULT_MODULE and args.script is None and not args.no_validate:
         _validate_config(config, req.overrides, req.world_size)
     return req
 
@@ -231,10 +259,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
+        script_args: list[str] = []
+        if "--script" in argv and "--" in argv:  # a script's own arguments follow `--`
+            cut = argv.index("--")
+            argv, script_args = argv[:cut], argv[cut + 1 :]
         try:
             args = parser.parse_args(argv)
         except SystemExit as e:  # --help
             return int(e.code or 0)
+        args.script_args = script_args
         req = make_request(args)
         plan = BUILDERS[req.launcher](req)
         if args.dry_run:

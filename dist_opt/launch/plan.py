@@ -33,6 +33,7 @@ class Request:
     config: str
     overrides: tuple[str, ...] = ()
     module: str = "dist_opt.train"
+    script: str | None = None  # a user's script (e.g. one calling dist_opt.fit) instead of -m MODULE
     python: str = "python3"
     cwd: str = "."
     master_addr: str | None = None
@@ -56,7 +57,9 @@ class Request:
         return len(self.nodes) > 1
 
     def entry(self) -> list[str]:
-        """``-m MODULE CONFIG overrides...`` as passed to every rank."""
+        """``-m MODULE CONFIG overrides...`` (or ``SCRIPT args...``) as passed to every rank."""
+        if self.script is not None:
+            return [self.script, *self.overrides]
         return ["-m", self.module, self.config, *self.overrides]
 
 

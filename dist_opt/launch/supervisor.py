@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from dist_opt.dist.lifeline import die_with_parent
 from dist_opt.launch.errors import LaunchFailure
 from dist_opt.launch.plan import Plan, Proc, SshOptions
 from dist_opt.launch.ssh import check_reachable, remote_command, ssh_argv
@@ -110,6 +111,7 @@ class Supervisor:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=die_with_parent,  # a SIGKILLed launcher takes its local children along
             )
         run = _Running(proc=proc, popen=popen)
         run.reader = threading.Thread(target=self._pump, args=(run,), daemon=True)

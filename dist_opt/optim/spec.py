@@ -29,6 +29,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+DEFAULT_EXCLUDE = ("bias", "norm", "bn", "ln")
+"""Name patterns excluded from weight decay and trust ratios by default (biases and norm layers)."""
+
 #: keys every optimizer accepts: the engine applies them (lr, weight decay groups, clipping)
 GENERIC_KEYS = (
     "lr",

@@ -31,6 +31,8 @@ def world_info(req: Request) -> str:
 
 
 def _flags(req: Request) -> list[str]:
+    if req.script is not None:
+        return ["--no_local_rank", req.script, *req.overrides]
     return ["--module", "--no_local_rank", req.module, req.config, *req.overrides]
 
 
