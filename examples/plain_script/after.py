@@ -21,13 +21,8 @@ def make_model() -> nn.Module:
 def main() -> None:
     train = make_data()
     task = dist_opt.DatasetTask(make_model, train)
-    config = {
-        "optimizer": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01},
-        "train": {"epochs": 5},
-        "data": {"global_batch": 64, "micro_batch": 32},
-        "run": {"out_dir": "runs/plain"},
-    }
-    dist_opt.fit(config, task)  # the trained weights: runs/plain/final_params.pt
+    config = {"optimizer": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.01}, "train": {"epochs": 5}}
+    dist_opt.fit(config, task)  # the trained weights: runs/default/final_params.pt
 
 
 if __name__ == "__main__":
