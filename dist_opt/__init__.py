@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from dist_opt.engine.sharded import ShardedOptimizer
     from dist_opt.tasks.base import Task
     from dist_opt.tasks.dataset import DatasetTask
-    from dist_opt.trainer import Summary
+    from dist_opt.outcome import Summary
 
 __all__ = [
     "Config",
@@ -52,7 +52,7 @@ _WHERE = {
     "load_config": "dist_opt.config",
     "DatasetTask": "dist_opt.tasks.dataset",
     "ShardedOptimizer": "dist_opt.engine.sharded",
-    "Summary": "dist_opt.trainer",
+    "Summary": "dist_opt.outcome",
     "Task": "dist_opt.tasks.base",
     "fit": "dist_opt.api",
 }

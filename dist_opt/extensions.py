@@ -14,7 +14,7 @@ changes it composes with the schedule through ``schedule.set_override``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -31,52 +31,28 @@ if TYPE_CHECKING:
 
 
 class TrainerView(Protocol):
-    """What an :class:`Extension` may read from and call on the trainer (read-only properties)."""
+    """What an :class:`Extension` may read from and call on the trainer. Extensions only read these
+    attributes; the trainer's state changes through the methods below."""
 
-    @property
-    def cfg(self) -> Config: ...
-    @property
-    def rank(self) -> int: ...
-    @property
-    def world(self) -> int: ...
-    @property
-    def device(self) -> torch.device: ...
-    @property
-    def run_dir(self) -> Path: ...
-    @property
-    def model(self) -> nn.Module: ...
-    @property
-    def opt(self) -> Any:
-        """The engine's optimizer (``ShardedOptimizer`` or an integration's adapter)."""
-
-    @property
-    def task(self) -> Task: ...
-    @property
-    def sampler(self) -> GlobalBatchSampler: ...
-    @property
-    def schedule(self) -> LRSchedule: ...
-    @property
-    def noise(self) -> NoiseScale | None: ...
-    @property
-    def tracker(self) -> Tracker | None:
-        """Open from after ``setup`` until the run ends."""
-
-    @property
-    def extensions(self) -> Sequence[Extension]: ...
-    @property
-    def step(self) -> int:
-        """Optimizer steps done (applied or skipped); inside ``after_step`` it already counts that step."""
-
-    @property
-    def total_steps(self) -> int: ...
-    @property
-    def samples(self) -> int: ...
-    @property
-    def run_id(self) -> str | None: ...
-    @property
-    def resumed_from_step(self) -> int | None: ...
-    @property
-    def stop_requested(self) -> bool: ...
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    run_dir: Path
+    model: nn.Module
+    opt: Any  # the engine's optimizer (ShardedOptimizer or an integration's adapter)
+    task: Task
+    sampler: GlobalBatchSampler
+    schedule: LRSchedule
+    noise: NoiseScale | None
+    tracker: Tracker | None  # open from after ``setup`` until the run ends
+    extensions: list[Extension]
+    step: int  # optimizer steps done (applied or skipped); inside ``after_step`` it counts that step
+    total_steps: int
+    samples: int
+    run_id: str | None
+    resumed_from_step: int | None
+    stop_requested: bool
 
     def request_stop(self, reason: str) -> None:
         """Stop after the current step (all ranks agree on it; safe from a signal handler)."""

@@ -18,7 +18,6 @@ import json
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,24 +28,33 @@ from dist_opt.config import Config, ConfigError, dump_yaml
 from dist_opt.data.sampler import GlobalBatchSampler
 from dist_opt.engine.buffers import BufferSync, convert_sync_batchnorm
 from dist_opt.evaluation import evaluate
+from dist_opt.outcome import (
+    EXIT_BAD_INPUT,
+    EXIT_FAIL,
+    EXIT_NONFINITE,
+    EXIT_OK,
+    EXIT_STOPPED,
+    NonFiniteStorm,
+    StopRun,
+    Summary,
+)
 
 if TYPE_CHECKING:
     from dist_opt.extensions import Extension
     from dist_opt.tasks.base import Batch, Task
 
-EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_STOPPED = 0, 1, 2, 3, 4
-
-
-class NonFiniteStorm(RuntimeError):
-    """Too many consecutive steps had a non-finite gradient (``train.max_consecutive_skips``)."""
-
-    exit_code = EXIT_NONFINITE
-
-
-class StopRun(RuntimeError):
-    """The ranks agreed to stop early (e.g. preemption); state was saved by the extensions."""
-
-    exit_code = EXIT_STOPPED
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_FAIL",
+    "EXIT_NONFINITE",
+    "EXIT_OK",
+    "EXIT_STOPPED",
+    "NonFiniteStorm",
+    "StopRun",
+    "Summary",
+    "Trainer",
+    "build_extensions",
+]
 
 
 def build_extensions(cfg: Config) -> list[Extension]:
@@ -61,33 +69,6 @@ def build_extensions(cfg: Config) -> list[Extension]:
         exts.append(SWAExtension(cfg))
     exts.append(CheckpointExtension(cfg))
     return exts
-
-
-@dataclass
-class Summary:
-    """What a finished run reports (every rank has it; the evaluation is all-reduced)."""
-
-    steps: int = 0
-    samples: int = 0
-    skipped: int = 0
-    train_loss: float = float("nan")
-    eval: dict[str, float] = field(default_factory=dict)
-    samples_per_s: float = 0.0
-    wall_s: float = 0.0
-    run_dir: str = ""
-
-    def lines(self) -> list[str]:
-        out = [
-            f"steps {self.steps} ({self.skipped} skipped), samples {self.samples}, "
-            f"wall {self.wall_s:.1f}s, {self.samples_per_s:.0f} samples/s (training steps)",
-            f"final train loss {self.train_loss:.4f}",
-        ]
-        if self.eval:
-            out.append(
-                "final " + ", ".join(f"{k} {v:.4f}" for k, v in self.eval.items() if isinstance(v, float))
-            )
-        out.append(f"run directory {self.run_dir}")
-        return out
 
 
 class Trainer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from dist_opt.config.loader import ConfigError
 
@@ -18,3 +19,26 @@ class CheckpointError(ConfigError):
         self.source = None if path is None else str(path)
         where = f"{path}: " if path is not None else ""
         Exception.__init__(self, "\n".join(f"checkpoint error: {where}{p}" for p in self.problems))
+
+
+def agree(problems: list[str], folder: str | Path, group: Any, world: int) -> None:
+    """Raise the same CheckpointError on every rank if any rank has problems (a collective: every rank
+    of ``group`` calls it, so all refuse or none does)."""
+    import torch.distributed as dist
+
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, problems, group=group)
+    merged: list[str] = []
+    for r, mine in enumerate(everyone):
+        for line in mine:
+            line = line if r == 0 or line in everyone[0] else f"(rank {r}) {line}"
+            if line not in merged:
+                merged.append(line)
+    if merged:
+        raise CheckpointError(merged, folder)
+
+
+def first_line(e: BaseException) -> str:
+    """``Type: first line of the message`` of an exception (DCP wraps long per-rank reports)."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"

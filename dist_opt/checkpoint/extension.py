@@ -44,8 +44,8 @@ import torch
 import torch.distributed as dist
 
 from dist_opt.checkpoint import store
-from dist_opt.checkpoint.errors import CheckpointError
-from dist_opt.checkpoint.resume import resolve_resume
+from dist_opt.checkpoint.errors import CheckpointError, agree, first_line
+from dist_opt.checkpoint.resume import resolve_agreed
 from dist_opt.config import Config, ConfigError
 from dist_opt.extensions import Extension
 
@@ -121,7 +121,7 @@ class CheckpointExtension(Extension):
         # async save's collectives never interleave with the training loop's
         self.group = dist.new_group(backend="gloo")
         self.mesh = DeviceMesh.from_group(self.group, "cpu")
-        folder = self._resolve()
+        folder = resolve_agreed(self.cfg, self.root, self.rank, self.group, report=_say)
         if folder is None:
             return
         self.load(trainer, folder)
@@ -326,26 +326,6 @@ class CheckpointExtension(Extension):
         store.prune(self.root, self.cfg.checkpoint.keep)
 
     # -- resume ----------------------------------------------------------------------------------
-    def _resolve(self) -> Path | None:
-        """Rank 0 picks the checkpoint to resume from (or None) and tells every rank (collective)."""
-        result: list[Any] = [None]
-        if self.rank == 0:
-            try:
-                result[0] = ("ok", resolve_resume(self.cfg, self.root, report=_say), None)
-            except CheckpointError as e:
-                result[0] = ("checkpoint", e.problems, e.source)
-            except ConfigError as e:
-                result[0] = ("config", e.problems, e.source)
-            except Exception as e:  # noqa: BLE001 - the other ranks must not wait for an answer forever
-                result[0] = ("checkpoint", [f"cannot resume ({type(e).__name__}: {e})"], self.cfg.resume)
-        dist.broadcast_object_list(result, src=0, group=self.group)
-        kind, value, source = result[0]
-        if kind == "checkpoint":
-            raise CheckpointError(value, source)
-        if kind == "config":
-            raise ConfigError(value, source)
-        return None if value is None else Path(value)
-
     def load(self, trainer: TrainerView, folder: Path) -> None:
         """Validate ``folder`` against ``trainer`` and load it (collective)."""
         import torch.distributed.checkpoint as dcp
@@ -366,7 +346,9 @@ class CheckpointExtension(Extension):
                 plan = st.plan_load(trainer, self, manifest, md)
             except CheckpointError as e:
                 problems = ["does not fit this run:", *(f"  {p}" for p in e.problems)]
-        self._agree(problems, folder)  # every rank refuses, or none does (DCP's load is collective)
+        agree(
+            problems, folder, self.group, self.world
+        )  # every rank refuses, or none does (DCP's load is collective)
         assert plan is not None
         t1 = time.perf_counter()
         try:
@@ -379,14 +361,14 @@ class CheckpointExtension(Extension):
         except CheckpointError:
             raise
         except Exception as e:  # DCP wraps every rank's failure
-            raise CheckpointError([f"cannot read the checkpoint data: {_first_line(e)}"], folder) from None
+            raise CheckpointError([f"cannot read the checkpoint data: {first_line(e)}"], folder) from None
         t2 = time.perf_counter()
         notes: list[str] = []
         try:
             notes = st.apply(trainer, self, plan)
         except CheckpointError as e:
             problems = e.problems
-        self._agree(problems, folder)
+        agree(problems, folder, self.group, self.world)
         nbytes = sum(
             v.to_local().nbytes if hasattr(v, "to_local") else v.nbytes for v in plan.templates.values()
         )
@@ -413,24 +395,6 @@ class CheckpointExtension(Extension):
             for n in notes:
                 _say(n)
 
-    def _agree(self, problems: list[str], folder: Path) -> None:
-        """Raise the same CheckpointError on every rank if any rank has problems (collective)."""
-        everyone: list[Any] = [None] * self.world
-        dist.all_gather_object(everyone, problems, group=self.group)
-        merged: list[str] = []
-        for r, mine in enumerate(everyone):
-            for line in mine:
-                line = line if r == 0 or line in everyone[0] else f"(rank {r}) {line}"
-                if line not in merged:
-                    merged.append(line)
-        if merged:
-            raise CheckpointError(merged, folder)
-
 
 def _say(msg: str) -> None:
     print(f"dist-opt: {msg}", file=sys.stderr, flush=True)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"

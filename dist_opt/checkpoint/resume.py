@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from dist_opt.checkpoint import store
 from dist_opt.checkpoint.errors import CheckpointError
@@ -47,3 +48,29 @@ def resolve_resume(cfg: Config, root: Path, report: Callable[[str], None] | None
     if found is None:
         raise CheckpointError(["cannot resume: no complete checkpoint in this folder"], path)
     return found
+
+
+def resolve_agreed(
+    cfg: Config, root: Path, rank: int, group: Any, report: Callable[[str], None] | None = None
+) -> Path | None:
+    """Rank 0 decides what to resume from (:func:`resolve_resume`) and tells every rank (collective);
+    its refusal is raised on every rank."""
+    import torch.distributed as dist
+
+    result: list[Any] = [None]
+    if rank == 0:
+        try:
+            result[0] = ("ok", resolve_resume(cfg, root, report=report), None)
+        except CheckpointError as e:
+            result[0] = ("checkpoint", e.problems, e.source)
+        except ConfigError as e:
+            result[0] = ("config", e.problems, e.source)
+        except Exception as e:  # noqa: BLE001 - the other ranks must not wait for an answer forever
+            result[0] = ("checkpoint", [f"cannot resume ({type(e).__name__}: {e})"], cfg.resume)
+    dist.broadcast_object_list(result, src=0, group=group)
+    kind, value, source = result[0]
+    if kind == "checkpoint":
+        raise CheckpointError(value, source)
+    if kind == "config":
+        raise ConfigError(value, source)
+    return None if value is None else Path(value)
