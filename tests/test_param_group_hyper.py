@@ -63,7 +63,9 @@ def assert_params_close(a: nn.Module, b: nn.Module, rtol: float = 1e-5, atol: fl
 
 
 def max_diff(a: nn.Module, b: nn.Module) -> float:
-    return max(float((x - y).detach().abs().max()) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    return max(
+        float((x - y).detach().abs().max()) for x, y in zip(a.parameters(), b.parameters(), strict=True)
+    )
 
 
 # -- the groups' keys are torch.optim's ------------------------------------------------------------

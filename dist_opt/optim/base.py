@@ -22,7 +22,7 @@ from torch import Tensor
 class GroupShard:
     """This rank's pieces of one parameter group."""
 
-    hp: dict[str, Any]  # the live param_group dict: lr, weight_decay, trust, ...
+    hp: dict[str, Any]  # the live param_group dict: lr, weight_decay, trust, momentum / betas, ...
     layers: list[int]  # layer (slot) index of each piece
     params: list[Tensor]
     grads: list[Tensor]
