@@ -75,8 +75,10 @@ def build_param_groups(
 ) -> tuple[list[dict[str, Any]], list[list[int]]]:
     """``torch.optim`` param groups of ``named`` (in the given order) and the indices in each group.
 
-    Each group holds ``params``, ``lr`` (``lr`` x the group's multiplier), ``weight_decay``, ``trust``,
-    ``lr_mult`` and the parameter ``names``; groups appear in order of their first parameter."""
+    Each group holds ``params``, ``lr`` (``lr`` x the group's multiplier), ``weight_decay``, the
+    rule's :meth:`~dist_opt.optim.base.Rule.group_hyper` (``momentum`` or ``betas``, as in torch.optim's
+    groups, which momentum-cycling schedulers change), ``trust``, ``lr_mult`` and the parameter
+    ``names``; groups appear in order of their first parameter."""
     keys: dict[Any, list[int]] = {}
     for i, (name, p) in enumerate(named):
         k = group_key(
@@ -90,6 +92,7 @@ def build_param_groups(
             exclude_1d=options.exclude_1d,
         )
         keys.setdefault(k, []).append(i)
+    hyper = rule.group_hyper()
     groups, layers = [], []
     for k, idx in keys.items():
         groups.append(
@@ -97,6 +100,7 @@ def build_param_groups(
                 "params": [named[i][1] for i in idx],
                 "lr": lr * k.lr_mult,
                 "weight_decay": k.weight_decay,
+                **hyper,
                 "trust": k.trust,
                 "lr_mult": k.lr_mult,
                 "names": [named[i][0] for i in idx],
@@ -104,6 +108,12 @@ def build_param_groups(
         )
         layers.append(idx)
     return groups, layers
+
+
+def optimizer_defaults(rule: Rule, lr: float, options: GroupOptions) -> dict[str, Any]:
+    """The ``defaults`` of an engine optimizer: ``lr``, ``weight_decay`` and the rule's group
+    hyper-parameters (torch schedulers look for ``momentum`` / ``betas`` there)."""
+    return {"lr": lr, "weight_decay": options.weight_decay, **rule.group_hyper()}
 
 
 class PieceOptimizer(ShardStateAPI, torch.optim.Optimizer):
@@ -141,7 +151,7 @@ class PieceOptimizer(ShardStateAPI, torch.optim.Optimizer):
         self.layer_shapes = [tuple(p.shape) for p in self.layer_params]
         options = groups if groups is not None else GroupOptions()
         param_groups, self._group_layers = build_param_groups(named, rule, lr, options)
-        super().__init__(param_groups, {"lr": lr, "weight_decay": options.weight_decay})
+        super().__init__(param_groups, optimizer_defaults(rule, lr, options))
         self.shard_state: dict[str, list[Tensor]] = rule.init_state(self.param_pieces())
         self.applied_steps = 0
         self.skipped_steps = 0

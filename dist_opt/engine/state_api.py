@@ -42,6 +42,19 @@ if TYPE_CHECKING:
     from dist_opt.optim.base import Rule
 
 
+def restore_group_hyper(group: dict[str, Any], saved: Mapping[str, Any]) -> None:
+    """Copy the entries a scheduler may have changed from a saved param group into ``group``:
+    ``lr`` and ``initial_lr``, and the rule's ``momentum`` / ``betas`` where ``group`` has them (a
+    checkpoint written without them keeps the built values; ``betas`` becomes a tuple again)."""
+    for k in ("lr", "initial_lr"):
+        if k in saved:
+            group[k] = saved[k]
+    if "momentum" in saved and "momentum" in group:
+        group["momentum"] = saved["momentum"]
+    if "betas" in saved and "betas" in group:
+        group["betas"] = tuple(saved["betas"])
+
+
 class ShardStateAPI:
     """Mixin of :class:`~dist_opt.engine.core.PieceOptimizer`: state codec over ``shard_state``.
 
@@ -153,9 +166,7 @@ class ShardStateAPI:
         self.applied_steps = int(sd.get("applied_steps", 0))
         self.skipped_steps = int(sd.get("skipped_steps", 0))
         for g, saved in zip(self.param_groups, sd.get("param_groups", []), strict=False):
-            for k in ("lr", "initial_lr"):
-                if k in saved:
-                    g[k] = saved[k]
+            restore_group_hyper(g, saved)
 
     # -- parameters split over all ranks -----------------------------------------------------
     def owned_specs(self) -> list[ShardSpec]:

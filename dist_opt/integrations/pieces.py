@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from dist_opt.dist.collectives import Comm
-from dist_opt.engine.core import GroupOptions, PieceOptimizer, build_param_groups
+from dist_opt.engine.core import GroupOptions, PieceOptimizer, build_param_groups, optimizer_defaults
 from dist_opt.engine.partition import make_layout
 from dist_opt.engine.state_codec import ShardSpec, all_gather_pieces, layout_specs
 from dist_opt.optim.base import GroupShard, Rule, local_context
@@ -52,7 +52,7 @@ class LocalRuleOptimizer(torch.optim.Optimizer):
         named.reverse()
         options = groups if groups is not None else GroupOptions()
         param_groups, _ = build_param_groups(named, rule, lr, options)
-        super().__init__(param_groups, {"lr": lr, "weight_decay": options.weight_decay})
+        super().__init__(param_groups, optimizer_defaults(rule, lr, options))
         self.rule = rule
 
     @property

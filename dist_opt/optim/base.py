@@ -22,7 +22,7 @@ from torch import Tensor
 class GroupShard:
     """This rank's pieces of one parameter group."""
 
-    hp: dict[str, Any]  # the live param_group dict: lr, weight_decay, trust, ...
+    hp: dict[str, Any]  # the live param_group dict: lr, weight_decay, trust, momentum / betas, ...
     layers: list[int]  # layer (slot) index of each piece
     params: list[Tensor]
     grads: list[Tensor]
@@ -61,6 +61,14 @@ class Rule(ABC):
     def init_state(self, pieces: Sequence[Tensor]) -> dict[str, list[Tensor]]:
         return {n: [torch.zeros_like(p) for p in pieces] for n in self.state_names}
 
+    def group_hyper(self) -> dict[str, Any]:
+        """Hyper-parameters the rule reads from its param group at every step, with the values it was
+        built with, under torch.optim's names (``momentum``; ``betas`` as a tuple). The engines put
+        them into every param group (and the optimizer's ``defaults``), so torch schedulers that
+        cycle momentum (``OneCycleLR``, ``CyclicLR``) drive them; a group without the key (a
+        hand-built ``GroupShard``) falls back to the built value."""
+        return {}
+
     @abstractmethod
     def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
         """Update ``params`` of every group in place."""
@@ -82,3 +90,30 @@ def sumsq_into(out: Tensor, row: int, layers: Sequence[int], tensors: Sequence[T
     norms = torch._foreach_norm(list(tensors))
     sq = torch.stack(norms).to(out.dtype).square()
     out[row].index_add_(0, torch.as_tensor(list(layers), dtype=torch.long), sq)
+
+
+def group_momentum(g: GroupShard, built: float) -> float:
+    """The group's ``momentum`` (``built`` when the group has none). A rule built with momentum 0
+    keeps no momentum buffer, so a non-zero value set later (by a scheduler) is refused, not ignored."""
+    mu = g.hp.get("momentum", built)
+    _need_buffer(mu, built, "momentum")
+    return mu
+
+
+def group_betas(
+    g: GroupShard, built: tuple[float, float], *, beta1_buffer: bool = False
+) -> tuple[float, float]:
+    """The group's ``betas`` (``built`` when the group has none). ``beta1_buffer``: the rule keeps its
+    first moment only when built with beta1 > 0 (Shampoo), so a later non-zero beta1 is refused."""
+    b1, b2 = g.hp.get("betas", built)
+    if beta1_buffer:
+        _need_buffer(b1, built[0], "betas[0]")
+    return b1, b2
+
+
+def _need_buffer(value: float, built: float, key: str) -> None:
+    if value and not built:
+        raise ValueError(
+            f"param group {key} = {value}, but the optimizer was built with {key} = 0 and keeps no "
+            f"buffer for it; build it with a non-zero optimizer.{key.split('[')[0]} to schedule it"
+        )

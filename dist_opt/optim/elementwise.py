@@ -3,7 +3,8 @@
 For elementwise rules a shard piece is just a smaller tensor, so torch.optim's functional
 kernels (foreach, or fused where torch has a CPU/GPU fused kernel) give torch.optim's exact
 semantics (first-step momentum clone, Adagrad lr decay, RMSProp centered/momentum, AMSGrad)
-at torch's speed. Hyper-parameters have no defaults here: each optimizer's are declared once, in
+at torch's speed. ``momentum`` / ``betas`` are read from the param group at every step (torch's
+names, so momentum-cycling schedulers drive them). Hyper-parameters have no defaults here: each optimizer's are declared once, in
 ``dist_opt.optim.catalog``. Adam without bias correction, which torch lacks, is written out here.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.optim.adagrad as _adagrad
@@ -19,7 +21,7 @@ import torch.optim.rmsprop as _rmsprop
 import torch.optim.sgd as _sgd
 from torch import Tensor
 
-from dist_opt.optim.base import GroupShard, Rule, StepContext
+from dist_opt.optim.base import GroupShard, Rule, StepContext, group_betas, group_momentum
 
 
 def _steps(pieces: Sequence[Tensor]) -> list[Tensor]:
@@ -37,27 +39,31 @@ class SGD(Rule):
         self.momentum, self.dampening, self.nesterov = momentum, dampening, nesterov
         self.state_names = ("momentum_buffer",) if momentum else ()
 
+    def group_hyper(self) -> dict[str, Any]:
+        return {"momentum": self.momentum}
+
     def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
-        for g in groups:
-            bufs: list[Tensor | None] | None = None
-            if self.momentum:
+        mus = [group_momentum(g, self.momentum) for g in groups]  # checked before any update
+        for g, mu in zip(groups, mus, strict=True):
+            bufs: list[Tensor | None] = [None] * len(g.params)
+            if mu:
                 # torch's first step clones the gradient into the buffer (no dampening on step 1);
                 # ctx.step counts applied steps, so this also holds after a resume or a skipped step
                 first = ctx.step == 1 and self.dampening != 0
-                bufs = [None] * len(g.params) if first else list(g.state["momentum_buffer"])
+                bufs = bufs if first else list(g.state["momentum_buffer"])
             _sgd.sgd(
                 g.params,
                 g.grads,
-                bufs if bufs is not None else [None] * len(g.params),
+                bufs,
                 foreach=True,
                 weight_decay=g.hp["weight_decay"],
-                momentum=self.momentum,
+                momentum=mu,
                 lr=g.hp["lr"],
                 dampening=self.dampening,
                 nesterov=self.nesterov,
                 maximize=False,
             )
-            if self.momentum:
+            if mu:
                 for dst, src in zip(g.state["momentum_buffer"], bufs, strict=True):
                     if src is not dst:
                         dst.copy_(src)
@@ -105,8 +111,12 @@ class RMSProp(_CountsSteps):
         )
         self.state_names = tuple(names)
 
+    def group_hyper(self) -> dict[str, Any]:
+        return {"momentum": self.momentum}
+
     def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
-        for g in groups:
+        mus = [group_momentum(g, self.momentum) for g in groups]  # checked before any update
+        for g, mu in zip(groups, mus, strict=True):
             _rmsprop.rmsprop(
                 g.params,
                 g.grads,
@@ -119,7 +129,7 @@ class RMSProp(_CountsSteps):
                 alpha=self.alpha,
                 eps=self.eps,
                 weight_decay=g.hp["weight_decay"],
-                momentum=self.momentum,
+                momentum=mu,
                 centered=self.centered,
             )
 
@@ -143,10 +153,14 @@ class Adam(_CountsSteps):
         self.fused = fused
         self.state_names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
 
+    def group_hyper(self) -> dict[str, Any]:
+        return {"betas": self.betas}
+
     def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
         for g in groups:
+            b1, b2 = group_betas(g, self.betas)
             if not self.bias_correction:
-                self._step_uncorrected(g)
+                self._step_uncorrected(g, b1, b2)
                 continue
             fused = self.fused if self.fused is not None else _fused_ok(g.params)
             _adam.adam(
@@ -160,16 +174,15 @@ class Adam(_CountsSteps):
                 fused=fused or None,
                 decoupled_weight_decay=self.decoupled_weight_decay,
                 amsgrad=self.amsgrad,
-                beta1=self.betas[0],
-                beta2=self.betas[1],
+                beta1=b1,
+                beta2=b2,
                 lr=g.hp["lr"],
                 weight_decay=g.hp["weight_decay"],
                 eps=self.eps,
                 maximize=False,
             )
 
-    def _step_uncorrected(self, g: GroupShard) -> None:
-        b1, b2 = self.betas
+    def _step_uncorrected(self, g: GroupShard, b1: float, b2: float) -> None:
         lr, wd = g.hp["lr"], g.hp["weight_decay"]
         grads = g.grads
         torch._foreach_add_(g.state["step"], 1)

@@ -5,16 +5,18 @@ are sums of squares over all of its pieces on all ranks: each rank adds its piec
 [k, n_layers] matrix and ``ctx.layer_sumsq`` completes it with ONE all-reduce per step.
 Zero-norm guard: the ratio is 1 when a norm it depends on is 0 (never 0, never NaN).
 Excluded layers (``hp["trust"] is False``: biases, norms) use ratio 1 and no weight decay.
+LARS's ``momentum`` and LAMB's ``betas`` are read from each param group at every step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from dist_opt.optim.base import GroupShard, Rule, StepContext, sumsq_into
+from dist_opt.optim.base import GroupShard, Rule, StepContext, group_betas, group_momentum, sumsq_into
 
 
 def _safe_ratio(num: Tensor, den: Tensor) -> Tensor:
@@ -47,7 +49,11 @@ class LARS(Rule):
         self.momentum, self.eta, self.denominator = momentum, trust_coefficient, lars_denominator
         self.state_names = ("momentum_buffer",) if momentum else ()
 
+    def group_hyper(self) -> dict[str, Any]:
+        return {"momentum": self.momentum}
+
     def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
+        mus = [group_momentum(g, self.momentum) for g in groups]  # checked before any update
         # directions d = g + βp (β = 0 for excluded layers) are needed for the 'tf' denominator
         dirs = []
         for g in groups:
@@ -73,11 +79,11 @@ class LARS(Rule):
         ratio = torch.where(trusted & (g_norm > 0), ratio, torch.ones_like(ratio))
         _summarize(ctx, ratio, trusted)
         rl = ratio.tolist()
-        for g, d in zip(groups, dirs, strict=True):
+        for g, d, mu in zip(groups, dirs, mus, strict=True):
             scale = [g.hp["lr"] * rl[i] for i in g.layers]
-            if self.momentum:
+            if mu:
                 bufs = g.state["momentum_buffer"]
-                torch._foreach_mul_(bufs, self.momentum)
+                torch._foreach_mul_(bufs, mu)
                 torch._foreach_add_(bufs, torch._foreach_mul(d, scale))
                 torch._foreach_sub_(g.params, bufs)
             else:
@@ -103,14 +109,17 @@ class LAMB(Rule):
         clip = tuple(trust_clip) if trust_clip else None
         self.betas, self.eps, self.bias_correction, self.trust_clip = (b1, b2), eps, bias_correction, clip
 
+    def group_hyper(self) -> dict[str, Any]:
+        return {"betas": self.betas}
+
     def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
-        b1, b2 = self.betas
         t = ctx.step
-        bc1 = 1 - b1**t if self.bias_correction else 1.0
-        bc2_sqrt = (1 - b2**t) ** 0.5 if self.bias_correction else 1.0
         updates = []
         partial = torch.zeros(2, ctx.n_layers, dtype=torch.float64)
         for g in groups:
+            b1, b2 = group_betas(g, self.betas)
+            bc1 = 1 - b1**t if self.bias_correction else 1.0
+            bc2_sqrt = (1 - b2**t) ** 0.5 if self.bias_correction else 1.0
             m, v = g.state["exp_avg"], g.state["exp_avg_sq"]
             torch._foreach_lerp_(m, g.grads, 1 - b1)
             torch._foreach_mul_(v, b2)

@@ -8,7 +8,7 @@ Update of one block with gradient G at step t (Gupta et al. 2018; Anil et al. 20
     t >= start:  D = ‖D_graft‖/‖D_sh‖ · D_sh,  D_sh = M ×_1 R_1 … ×_k R_k,  R_i = (H_i + εI)^(-1/(2k))
                  (2-D: D_sh = L^{-1/4}·M·R^{-1/4}; grafting "none": D = D_sh)
     t <  start:  D = D_graft
-    p = p·(1 - lr·wd) - lr·D                        decoupled weight decay, lr and wd read each step
+    p = p·(1 - lr·wd) - lr·D                        decoupled weight decay; lr, wd, betas read each step
 
 Roots are recomputed on steps start, start + f, start + 2f, ... (f = ``precondition_frequency``)
 and are the identity until the first refresh; a failed root keeps the previous one (see
@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dist_opt.optim.base import GroupShard, Rule, StepContext
+from dist_opt.optim.base import GroupShard, Rule, StepContext, group_betas
 from dist_opt.optim.registry import build_rule, rule_spec
 from dist_opt.optim.shampoo.assignment import assign, block_cost
 from dist_opt.optim.shampoo.blocking import Block, LayerBlocking, block_layer, block_view
@@ -129,6 +129,9 @@ class Shampoo(Rule):
         """e in H_i^(-e) for a block of this order: 1/(2k) unless overridden."""
         return float(self.exponent_override) if self.exponent_override is not None else 1.0 / (2 * order)
 
+    def group_hyper(self) -> dict[str, Any]:
+        return {"betas": self.betas}
+
     def refresh_due(self, step: int) -> bool:
         return step >= self.start and (step - self.start) % self.frequency == 0
 
@@ -201,6 +204,7 @@ class Shampoo(Rule):
                 raise RuntimeError("Shampoo: the parameter layout changed after the first step")
         t = ctx.step
         refresh = self.refresh_due(t)
+        betas = [group_betas(g, self.betas, beta1_buffer=True) for g in groups]
         t0 = time.perf_counter()
         for b in self.owned:
             g = groups[b.group]
@@ -213,6 +217,7 @@ class Shampoo(Rule):
                 refresh,
                 float(g.hp["lr"]),
                 float(g.hp.get("weight_decay", 0.0)),
+                betas[b.group],
             )
         t1 = time.perf_counter()
         self._exchange(groups, comm)
@@ -234,18 +239,19 @@ class Shampoo(Rule):
         refresh: bool,
         lr: float,
         wd: float,
+        betas: tuple[float, float],
     ) -> None:
         grad_b = block_view(grad, b.layer, b.block)
         grad_b = grad_b if grad_b.is_contiguous() else grad_b.contiguous()
         grad_b = grad_b.view(b.block.shape)
-        m = first_moment(st.momentum, grad_b, t, self.betas[0], self.nesterov, self.bias_correction)
+        m = first_moment(st.momentum, grad_b, t, betas[0], self.nesterov, self.bias_correction)
         d_graft = graft_direction(
             self.grafting, st.graft, grad_b, m, t, self.graft_beta2, self.graft_eps, self.bias_correction
         )
         if b.diagonal:
             d = d_graft
         else:
-            self._accumulate(st, grad_b)
+            self._accumulate(st, grad_b, betas[1])
             if t >= self.start:
                 if refresh:
                     self._refresh(b, st)
@@ -264,8 +270,7 @@ class Shampoo(Rule):
             new.copy_(p)
         new.add_(d, alpha=-lr)
 
-    def _accumulate(self, st: BlockState, grad: Tensor) -> None:
-        b2 = self.betas[1]
+    def _accumulate(self, st: BlockState, grad: Tensor, b2: float) -> None:
         beta, alpha = (1.0, 1.0) if b2 == 1.0 else (b2, 1.0 - b2)
         g = grad.to(self.pdtype).contiguous()
         order = g.dim()
