@@ -30,9 +30,9 @@ if TYPE_CHECKING:
     from dist_opt.api import fit
     from dist_opt.config import Config, ConfigError, load_config
     from dist_opt.engine.sharded import ShardedOptimizer
+    from dist_opt.outcome import Summary
     from dist_opt.tasks.base import Task
     from dist_opt.tasks.dataset import DatasetTask
-    from dist_opt.outcome import Summary
 
 __all__ = [
     "Config",
