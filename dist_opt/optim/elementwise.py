@@ -171,7 +171,7 @@ class Adam(_CountsSteps):
     def _step_uncorrected(self, g: GroupShard) -> None:
         b1, b2 = self.betas
         lr, wd = g.hp["lr"], g.hp["weight_decay"]
-        grads = g.grads
+        grads: list[Tensor] | tuple[Tensor, ...] = g.grads
         torch._foreach_add_(g.state["step"], 1)
         if wd and self.decoupled_weight_decay:
             torch._foreach_mul_(g.params, 1 - lr * wd)
