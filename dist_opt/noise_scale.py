@@ -83,12 +83,13 @@ class NoiseScale:
 
     def metrics(self, prefix: str = "noise_scale/") -> dict[str, float]:
         """``{prefix+"b_simple", prefix+"trace_sigma", prefix+"g2"}`` for logging; empty before any update."""
-        if not self.updates:
+        b_simple, trace_sigma, g2 = self.b_simple, self.trace_sigma, self.g2
+        if b_simple is None or trace_sigma is None or g2 is None:  # no update yet
             return {}
         return {
-            f"{prefix}b_simple": self.b_simple,
-            f"{prefix}trace_sigma": self.trace_sigma,
-            f"{prefix}g2": self.g2,
+            f"{prefix}b_simple": b_simple,
+            f"{prefix}trace_sigma": trace_sigma,
+            f"{prefix}g2": g2,
         }
 
     def state_dict(self) -> dict[str, float | int]:

@@ -92,9 +92,16 @@ class PeerMonitor:
         if t is not None and t is not threading.current_thread():
             t.join(timeout=self.interval + 5.0)
 
+    def _live_store(self) -> Any:
+        """The store; raises when it is gone (every caller handles the error as a lost store)."""
+        store = self.store
+        if store is None:
+            raise RuntimeError("the process group's key-value store is gone")
+        return store
+
     def _beat(self) -> None:
         self.beats += 1
-        self.store.set(self._hb_key(self.rank), f"{self.current_step()} {self.beats}")
+        self._live_store().set(self._hb_key(self.rank), f"{self.current_step()} {self.beats}")
 
     def _loop(self) -> None:
         peers_failed_at: float | None = None
@@ -127,12 +134,13 @@ class PeerMonitor:
         self.exit_process(why)
 
     def _reports(self) -> dict[int, dict]:
+        store = self._live_store()
         out = {}
         for r in range(self.world):
             k = self._report_key(r)
-            if self.store.check([k]):
+            if store.check([k]):
                 try:
-                    out[r] = json.loads(self.store.get(k).decode())
+                    out[r] = json.loads(store.get(k).decode())
                 except (ValueError, UnicodeDecodeError):
                     out[r] = {}
         return out
@@ -151,11 +159,12 @@ class PeerMonitor:
         )
 
     def _heartbeats(self) -> dict[int, tuple[int, int]]:
+        store = self._live_store()
         out = {}
         for r in range(self.world):
             k = self._hb_key(r)
-            if self.store.check([k]):
-                step, _, n = self.store.get(k).decode().partition(" ")
+            if store.check([k]):
+                step, _, n = store.get(k).decode().partition(" ")
                 out[r] = (int(step), int(n))
         return out
 
@@ -168,7 +177,7 @@ class PeerMonitor:
         result: list[str] = []
 
         def work() -> None:
-            store = self.store
+            store = self._live_store()
             store.set(self._report_key(self.rank), json.dumps({"collective": collective, "step": step}))
             store.add(self._count_key, 1)
             before = self._heartbeats()

@@ -14,7 +14,7 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from dist_opt.tracking.metrics_file import read_metrics
 
@@ -25,7 +25,7 @@ class ReportError(Exception):
     """A bad run directory or a metric no run has; ``main`` turns it into exit code 2."""
 
 
-def _number(v: Any) -> bool:
+def _number(v: Any) -> TypeGuard[float]:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -53,7 +53,8 @@ def series(rows: Sequence[dict], metric: str, x: str) -> tuple[list[float], list
     for r in rows:
         if "step" in r:
             by_step.setdefault(r["step"], {}).update(r)
-    xs, ys = [], []
+    xs: list[float] = []
+    ys: list[float] = []
     for r in rows:
         xv = r.get(x, by_step.get(r.get("step"), {}).get(x))
         if _number(r.get(metric)) and _number(xv):

@@ -104,6 +104,14 @@ def bn_batches(train_size: int, batch_size: int) -> list[tuple[int, int]]:
     return spans
 
 
+def _running_stats(m: _BatchNorm) -> tuple[Tensor, Tensor, Tensor]:
+    """Running mean, running variance and batch count of a BatchNorm that tracks running stats."""
+    mean, var, count = m.running_mean, m.running_var, m.num_batches_tracked
+    if mean is None or var is None or count is None:
+        raise ValueError(f"{type(m).__name__} keeps no running statistics")
+    return mean, var, count
+
+
 @torch.no_grad()
 def refresh_bn(model: nn.Module, task: Task, batch_size: int, comm: Comm) -> int:
     """``update_bn`` over :func:`bn_batches`, split round-robin over ranks and all-reduced.
@@ -134,16 +142,18 @@ def refresh_bn(model: nn.Module, task: Task, batch_size: int, comm: Comm) -> int
     mine = float(len(spans[comm.rank :: comm.world]))
     parts = []
     for m in bns:
-        parts += [m.running_mean.double().reshape(-1) * mine, m.running_var.double().reshape(-1) * mine]
+        mean, var, _ = _running_stats(m)
+        parts += [mean.double().reshape(-1) * mine, var.double().reshape(-1) * mine]
     vec = torch.cat([*parts, torch.tensor([mine], dtype=torch.float64, device=parts[0].device)])
     comm.all_reduce(vec)
     total = float(vec[-1])
     pos = 0
     for m in bns:
-        for buf in (m.running_mean, m.running_var):
+        mean, var, count = _running_stats(m)
+        for buf in (mean, var):
             buf.copy_((vec[pos : pos + buf.numel()] / total).view_as(buf))
             pos += buf.numel()
-        m.num_batches_tracked.fill_(int(total))
+        count.fill_(int(total))
     return int(total)
 
 
@@ -200,7 +210,10 @@ class SWAExtension(Extension):
         if self.n >= 1 and not self._loop_evaluates(trainer):
             metrics = trainer.evaluate()
             self.after_eval(trainer, metrics)
-            trainer.tracker.log(metrics, step=trainer.step)
+            tracker = trainer.tracker
+            if tracker is None:
+                raise RuntimeError("swa: the trainer has no open tracker at an epoch end")
+            tracker.log(metrics, step=trainer.step)
 
     def after_eval(self, trainer: TrainerView, metrics: dict[str, float]) -> None:
         if self.n == 0:

@@ -119,4 +119,4 @@ def checksum(t: Tensor) -> int:
     flat = t.detach().reshape(-1).contiguous().cpu()
     if flat.numel() == 0:
         return 0
-    return zlib.crc32(memoryview(flat.view(torch.uint8).numpy()))
+    return zlib.crc32(flat.view(torch.uint8).numpy().data)

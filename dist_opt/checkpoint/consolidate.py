@@ -37,14 +37,14 @@ def read_model_state(folder: str | Path, swa: bool = False) -> dict[str, Tensor]
     """The model's ``state_dict`` saved in checkpoint ``folder`` (verified first): trained parameters
     and rank 0's buffers. ``swa=True``: the parameters are the SWA/EMA average instead (BatchNorm
     buffers are still the live model's; refresh them before evaluating)."""
-    from dist_opt.checkpoint.safe_metadata import load_metadata
+    from dist_opt.checkpoint.safe_metadata import load_metadata, tensor_entries
 
     folder = Path(folder)
     v = store.check(folder, deep=True)
     if not v.ok:
         raise CheckpointError([f"cannot read: {v.problem}"], folder)
     manifest = store.read_manifest(folder)
-    md = load_metadata(folder).state_dict_metadata
+    md = tensor_entries(load_metadata(folder))
     params = manifest["layout"]["params"]
     want: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for name in params:

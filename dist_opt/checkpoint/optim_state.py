@@ -18,7 +18,7 @@ from torch import Tensor
 try:
     from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # torch < 2.5
-    from torch.distributed._tensor import DTensor, Shard  # type: ignore[no-redef]
+    from torch.distributed._tensor import DTensor, Shard
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -38,7 +38,9 @@ def shard_piece(local: Tensor, numel: int, mesh: DeviceMesh) -> DTensor:
     """``local`` (this rank's valid piece of a flattened tensor of ``numel`` elements, torch.chunk
     layout) as a DTensor ``Shard(0)`` of global shape ``(numel,)``. Extensions may put such values in
     their ``state_dict`` to have them saved sharded and resharded on load."""
-    return DTensor.from_local(local, mesh, [Shard(0)], shape=(numel,), stride=(1,), run_check=False)
+    return DTensor.from_local(
+        local, mesh, [Shard(0)], shape=torch.Size((numel,)), stride=(1,), run_check=False
+    )
 
 
 def trained_names(opt: PieceOptimizer) -> set[str]:

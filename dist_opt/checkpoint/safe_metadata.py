@@ -149,6 +149,16 @@ def check_metadata(md: Any, folder: Path) -> list[str]:
     return problems
 
 
+def tensor_entries(md: Metadata) -> dict[str, TensorStorageMetadata]:
+    """The entries of checked metadata, all tensors (:func:`load_metadata` refuses any other kind)."""
+    out: dict[str, TensorStorageMetadata] = {}
+    for key, entry in md.state_dict_metadata.items():
+        if not isinstance(entry, TensorStorageMetadata):
+            raise CheckpointError([f"{METADATA}: {key}: entry of type {type(entry).__name__} refused"])
+        out[key] = entry
+    return out
+
+
 class SafeFileSystemReader(FileSystemReader):
     """``FileSystemReader`` whose metadata comes from :func:`load_metadata` and which never loads
     pickled ("bytes") items."""

@@ -45,14 +45,13 @@ from dist_opt.optim.registry import structural_keys
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # torch < 2.5
-    from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
+    from torch.distributed._tensor import DTensor
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata
     from torch.distributed.device_mesh import DeviceMesh
 
-    from dist_opt.extensions import Extension
-    from dist_opt.train import Trainer
+    from dist_opt.extensions import Extension, TrainerView
 
 MAX_PROBLEMS = 20  # mismatches listed when a checkpoint does not fit
 
@@ -79,7 +78,7 @@ def ext_key(ext: Extension, index: int) -> str:
     return str(getattr(ext, "name", "") or f"extension{index}")
 
 
-def other_extensions(trainer: Trainer, me: Any) -> list[tuple[str, Extension]]:
+def other_extensions(trainer: TrainerView, me: Any) -> list[tuple[str, Extension]]:
     out: list[tuple[str, Extension]] = []
     names: set[str] = set()
     for i, ext in enumerate(trainer.extensions):
@@ -107,7 +106,7 @@ class Snapshot:
     layout: dict[str, Any] = field(default_factory=dict)
 
 
-def describe(trainer: Trainer) -> dict[str, Any]:
+def describe(trainer: TrainerView) -> dict[str, Any]:
     """World-size independent description of the model and optimizer (validated on load)."""
     opt = trainer.opt
     o = trainer.cfg.optimizer
@@ -123,7 +122,7 @@ def describe(trainer: Trainer) -> dict[str, Any]:
     }
 
 
-def capture(trainer: Trainer, me: Any, mesh: DeviceMesh) -> Snapshot:
+def capture(trainer: TrainerView, me: Any, mesh: DeviceMesh) -> Snapshot:
     """Copy this rank's state (call on every rank at the same step: an extension's state_dict may be a
     collective)."""
     opt = trainer.opt
@@ -213,10 +212,12 @@ def _current_ext_tensors(ext: Extension, prefix: str) -> dict[str, Tensor]:
     return found
 
 
-def plan_load(trainer: Trainer, me: Any, manifest: dict[str, Any], md: Metadata) -> LoadPlan:
+def plan_load(trainer: TrainerView, me: Any, manifest: dict[str, Any], md: Metadata) -> LoadPlan:
     """Validate the checkpoint against this Trainer and build the tensors DCP loads into.
 
     Raises :class:`CheckpointError` listing every mismatch; touches no state of the Trainer."""
+    from dist_opt.checkpoint.safe_metadata import tensor_entries
+
     opt = trainer.opt
     problems: list[str] = []
     saved = manifest["layout"]
@@ -224,7 +225,7 @@ def plan_load(trainer: Trainer, me: Any, manifest: dict[str, Any], md: Metadata)
     rank = trainer.rank
     world = int(manifest["world_size"])
     plan = LoadPlan(manifest=manifest, src_rank=rank if rank < world else 0)
-    entries = md.state_dict_metadata
+    entries = tensor_entries(md)
 
     if saved["task"] != here["task"]:
         problems.append(f"task.name: checkpoint has {saved['task']!r}, config has {here['task']!r}")
@@ -314,7 +315,7 @@ def plan_load(trainer: Trainer, me: Any, manifest: dict[str, Any], md: Metadata)
     return plan
 
 
-def apply(trainer: Trainer, me: Any, plan: LoadPlan) -> list[str]:
+def apply(trainer: TrainerView, me: Any, plan: LoadPlan) -> list[str]:
     """Put the loaded state into the Trainer (after :func:`plan_load` and DCP's load). Returns notes."""
     m = plan.manifest
     opt = trainer.opt

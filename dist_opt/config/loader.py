@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from dist_opt.config.schema import Config
 from dist_opt.config.secrets import SECRET_WORDS, redact
@@ -75,7 +76,7 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             try:
                 first = seen.setdefault(key, line)
@@ -126,7 +127,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def _describe(err: dict) -> str:
+def _describe(err: ErrorDetails) -> str:
     loc = ".".join(str(x) for x in err["loc"] if not isinstance(x, int) or True)
     msg = err["msg"]
     kind = err["type"]

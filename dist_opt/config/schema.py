@@ -10,7 +10,7 @@ import math
 import os
 import re
 import signal
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -190,7 +190,7 @@ class _OptimizerBase(Section):
     (``_optimizer_fields``) come from its declaration (``dist_opt.optim.catalog``)."""
 
     name: str = Field(
-        "adamw",
+        default="adamw",
         description=(
             f"Optimizer: {', '.join(rule_names())}. Defaults of every hyper-parameter come from its paper / "
             "torch.optim. Setting a key the optimizer does not read is an error."
@@ -199,7 +199,7 @@ class _OptimizerBase(Section):
     lr: PosFloat = 1e-3
     """Base learning rate (before schedule and scale rule)."""
     weight_decay: NonNegFloat = Field(
-        0.0,
+        default=0.0,
         description=(
             f"L2 ({', '.join(n for n in rule_names() if not rule_spec(n).decoupled_weight_decay)}) or decoupled "
             f"({', '.join(n for n in rule_names() if rule_spec(n).decoupled_weight_decay)}) weight decay."
@@ -237,8 +237,10 @@ class _OptimizerBase(Section):
         it is an error; keys left unset never are. A key set to its default value is accepted: config.yaml
         files written before this check list every key."""
         name = info.data.get("name")
-        why = None if name is None else inapplicable(name, info.field_name)
-        if why is not None and value != cls.model_fields[info.field_name].default:
+        field = info.field_name
+        assert field is not None  # pydantic always names the field for a field validator
+        why = None if name is None else inapplicable(name, field)
+        if why is not None and value != cls.model_fields[field].default:
             raise PydanticCustomError("inapplicable_key", "{why}", {"why": why})
         return value
 
@@ -266,13 +268,20 @@ def _optimizer_fields() -> dict[str, Any]:
     return fields
 
 
-OptimizerConfig = create_model(
-    "OptimizerConfig",
-    __base__=_OptimizerBase,
-    __module__=__name__,
-    **_optimizer_fields(),
-    __doc__="optimizer.*: the generic keys plus one typed field per key any registered optimizer reads.",
-)
+if TYPE_CHECKING:
+    # The per-optimizer fields are generated at import time, so a type checker sees the generic keys
+    # of the base class precisely and every generated key as ``Any``.
+    class OptimizerConfig(_OptimizerBase):
+        def __getattr__(self, name: str) -> Any: ...
+
+else:
+    OptimizerConfig = create_model(
+        "OptimizerConfig",
+        __base__=_OptimizerBase,
+        __module__=__name__,
+        **_optimizer_fields(),
+        __doc__="optimizer.*: the generic keys plus one typed field per key any registered optimizer reads.",
+    )
 
 
 class ScheduleConfig(Section):

@@ -44,7 +44,8 @@ class GlobalBatchSampler:
         return spe is not None and (step + 1) % spe == 0
 
     def _permutation(self, epoch: int) -> torch.Tensor:
-        if self._perm_epoch != epoch:
+        if self._perm is None or self._perm_epoch != epoch:
+            assert self.size is not None  # only a finite dataset is permuted
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
             self._perm = torch.randperm(self.size, generator=g)
             self._perm_epoch = epoch
@@ -52,9 +53,9 @@ class GlobalBatchSampler:
 
     def global_indices(self, step: int) -> torch.Tensor:
         b = self.global_batch
-        if self.size is None:
-            return torch.arange(step * b, (step + 1) * b, dtype=torch.long)
         spe = self.steps_per_epoch
+        if spe is None:  # an unlimited stream
+            return torch.arange(step * b, (step + 1) * b, dtype=torch.long)
         pos = step % spe
         return self._permutation(step // spe)[pos * b : (pos + 1) * b]
 

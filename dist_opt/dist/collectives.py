@@ -39,7 +39,8 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 
 class Comm:
-    """Thin wrapper over torch.distributed for one process group."""
+    """Thin wrapper over torch.distributed for one process group. The collectives return the
+    ``Work`` handle when ``async_op`` is set, else None (always None on one rank)."""
 
     def __init__(self, group: dist.ProcessGroup | None = None):
         self.group = group
@@ -48,21 +49,23 @@ class Comm:
         self.rank = dist.get_rank(group) if self.enabled else 0
         self.ledger = Ledger()
 
-    def all_reduce(self, t: torch.Tensor, async_op: bool = False):
+    def all_reduce(self, t: torch.Tensor, async_op: bool = False) -> dist.Work | None:
         """Sum over ranks (never AVG: averaging is done by the caller, once)."""
         if self.world == 1:
             return None
         self.ledger.add("all_reduce", t.numel() * t.element_size(), self.world)
         return dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group, async_op=async_op)
 
-    def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
+    def reduce_scatter(
+        self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False
+    ) -> dist.Work | None:
         if self.world == 1:
             out.copy_(inp)
             return None
         self.ledger.add("reduce_scatter", inp.numel() * inp.element_size(), self.world)
         return _reduce_scatter_single(out, inp, op=dist.ReduceOp.SUM, group=self.group, async_op=async_op)
 
-    def all_gather(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False):
+    def all_gather(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = False) -> dist.Work | None:
         if self.world == 1:
             out.copy_(inp)
             return None

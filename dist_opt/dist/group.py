@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -78,20 +79,27 @@ def init_process_group(env: DistEnv, backend: str = "auto", timeout_s: float = 3
         addr, port = rendezvous_address(env)
     else:
         addr, port = "127.0.0.1", free_port()
-    kwargs = {"device_id": device} if backend == "nccl" else {}
+    kwargs: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
     if env.launcher == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun (torch >= 2.5) keeps one agent-hosted store across restart rounds; without a
         # per-attempt prefix a restarted group reads the previous attempt's keys and hangs
         # (pytorch#135712). Connect to the agent's store and namespace it by attempt.
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.PrefixStore(f"dist-opt/attempt-{attempt}",
-                                 dist.TCPStore(addr, port, env.world_size, is_master=False, timeout=timeout))
-        dist.init_process_group(backend=backend, store=store, rank=env.rank, world_size=env.world_size,
-                                timeout=timeout, **kwargs)
+        store = dist.PrefixStore(
+            f"dist-opt/attempt-{attempt}",
+            dist.TCPStore(addr, port, env.world_size, is_master=False, timeout=timeout),
+        )
+        dist.init_process_group(
+            backend=backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout, **kwargs
+        )
         return device
     dist.init_process_group(
-        backend=backend, init_method=f"tcp://{addr}:{port}", rank=env.rank,
-        world_size=env.world_size, timeout=timeout, **kwargs,
+        backend=backend,
+        init_method=f"tcp://{addr}:{port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timeout,
+        **kwargs,
     )
     return device
 

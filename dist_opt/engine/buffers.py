@@ -36,9 +36,11 @@ class BufferSync:
     def sync(self) -> None:
         """Make every rank's buffers equal to rank ``src``'s (a collective: every rank calls it)."""
         for bufs in self._buckets:
-            flat = _flatten_dense_tensors(bufs)
+            # torch defines both helpers without annotations
+            flat: Tensor = _flatten_dense_tensors(bufs)  # type: ignore[no-untyped-call]
             dist.broadcast(flat, src=self.src, group=self.group)
-            for b, v in zip(bufs, _unflatten_dense_tensors(flat, bufs), strict=True):
+            views: list[Tensor] = _unflatten_dense_tensors(flat, bufs)  # type: ignore[no-untyped-call]
+            for b, v in zip(bufs, views, strict=True):
                 b.copy_(v)
 
 
@@ -49,4 +51,6 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
             "model.sync_batchnorm: SyncBatchNorm needs CUDA devices (torch has no CPU "
             "implementation); on CPU keep model.broadcast_buffers: true"
         )
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # torch defines this classmethod without annotations
+    converted: nn.Module = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[no-untyped-call]
+    return converted

@@ -14,9 +14,10 @@ stage 2:   on every micro-step each param's fresh gradient is packed rank-major 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from dist_opt.dist.collectives import Comm
@@ -52,7 +53,7 @@ class GradSync:
         self.track_local_norm = track_local_norm
         self.local_sumsq = torch.zeros((), dtype=torch.float64)
         self.micro_steps = 0
-        self._bucket_of = {}
+        self._bucket_of: dict[int, int] = {}
         for b_i, b in enumerate(layout.buckets):
             for s in b.slots:
                 self._bucket_of[s] = b_i
@@ -60,14 +61,28 @@ class GradSync:
         self._ready = [False] * len(layout.buckets)
         self._next = 0
         self._staging: dict[int, Tensor] = {}
-        self._works: list[tuple[object, int, Tensor | None]] = []
+        self._works: list[tuple[dist.Work | None, int, Tensor | None]] = []
         self._seen_backward = False
         self._handles = [
-            p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(self.params)
+            # torch defines this method without annotations
+            p.register_post_accumulate_grad_hook(self._make_hook(i))  # type: ignore[no-untyped-call]
+            for i, p in enumerate(self.params)
         ]
 
+    @property
+    def _full(self) -> Tensor:
+        """The flat full gradient (stage 0/1)."""
+        assert self.full_grad is not None, "stage 0/1 gradient sync needs the full gradient buffer"
+        return self.full_grad
+
+    @property
+    def _shard(self) -> Tensor:
+        """This rank's gradient shard (stage 2)."""
+        assert self.shard_grad is not None, "stage 2 gradient sync needs the gradient shard"
+        return self.shard_grad
+
     # -- hooks ---------------------------------------------------------------------------------
-    def _make_hook(self, slot_index: int):
+    def _make_hook(self, slot_index: int) -> Callable[[Tensor], None]:
         def hook(p: Tensor) -> None:
             self._on_grad(slot_index, p)
 
@@ -82,14 +97,16 @@ class GradSync:
             torch.autograd.Variable._execution_engine.queue_callback(self.flush)
         slot = self.layout.slots[i]
         b_i = self._bucket_of[i]
+        grad = p.grad
+        assert grad is not None  # autograd runs this hook right after accumulating into .grad
         if self.stage == 2:
-            self._pack(b_i, slot, p.grad.detach().reshape(-1))
+            self._pack(b_i, slot, grad.detach().reshape(-1))
             p.grad = None
         else:
-            view = self.full_grad[slot.full_offset : slot.full_offset + slot.numel].view(slot.shape)
-            if p.grad.data_ptr() != view.data_ptr():
+            view = self._full[slot.full_offset : slot.full_offset + slot.numel].view(slot.shape)
+            if grad.data_ptr() != view.data_ptr():
                 # the user replaced .grad (e.g. zero_grad(set_to_none=True)): fold it back in
-                view.add_(p.grad) if self.micro_steps > 1 else view.copy_(p.grad)
+                view.add_(grad) if self.micro_steps > 1 else view.copy_(grad)
                 p.grad = view
             if not self.sync_enabled:
                 return
@@ -120,7 +137,7 @@ class GradSync:
             st = self._staging.pop(b_i, None)
             if st is None:  # no parameter of this bucket got a gradient in this pass
                 st = torch.zeros(
-                    self.world, b.shard_numel, dtype=self.shard_grad.dtype, device=self.shard_grad.device
+                    self.world, b.shard_numel, dtype=self._shard.dtype, device=self._shard.device
                 )
             if self.track_local_norm:
                 self.local_sumsq += st.double().square().sum()
@@ -128,7 +145,7 @@ class GradSync:
             work = self.comm.reduce_scatter(out, st.view(-1), async_op=True)
             self._works.append((work, b_i, out))
         else:
-            buf = self.full_grad[b.full_start : b.full_end]
+            buf = self._full[b.full_start : b.full_end]
             if self.track_local_norm:
                 self.local_sumsq += buf.double().square().sum()
             work = self.comm.all_reduce(buf, async_op=True)
@@ -160,14 +177,14 @@ class GradSync:
                 work.wait()
             if out is not None:
                 b = self.layout.buckets[b_i]
-                self.shard_grad[b.shard_start : b.shard_end].add_(out)
+                self._shard[b.shard_start : b.shard_end].add_(out)
         self._works.clear()
         steps = max(self.micro_steps, 1)
         divisor = float(self.comm.world * steps)
         if self.stage == 2:
-            self.shard_grad.div_(divisor)
+            self._shard.div_(divisor)
         else:
-            self.full_grad.div_(divisor)
+            self._full.div_(divisor)
         return steps
 
     def reset(self) -> None:
@@ -175,9 +192,9 @@ class GradSync:
         self.micro_steps = 0
         self.local_sumsq = torch.zeros((), dtype=torch.float64)
         if self.stage == 2:
-            self.shard_grad.zero_()
+            self._shard.zero_()
         else:
-            self.full_grad.zero_()
+            self._full.zero_()
 
     def remove(self) -> None:
         for h in self._handles:

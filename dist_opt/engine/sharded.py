@@ -90,14 +90,18 @@ class ShardedOptimizer(PieceOptimizer):
                 p.data = view.view(s.shape)
         if broadcast_params:
             comm.broadcast(self.full_param, src=0)
+        # gradients: the full flat buffer (stage 0/1) or only this rank's shard (stage 2), and this
+        # rank's piece of every slot in it (views, padded to the chunk size)
+        self.full_grad: Tensor | None = None
+        self.shard_grad: Tensor | None = None
         if zero_stage == 2:
-            self.full_grad = None
-            self.shard_grad = torch.zeros(self.layout.shard_numel, dtype=dtype, device=device)
+            shard_grad = self.shard_grad = torch.zeros(self.layout.shard_numel, dtype=dtype, device=device)
+            grad_pieces = [shard_grad[s.shard_offset : s.shard_offset + s.chunk] for s in self.layout.slots]
         else:
-            self.full_grad = torch.zeros(self.layout.full_numel, dtype=dtype, device=device)
-            self.shard_grad = None
+            full_grad = self.full_grad = torch.zeros(self.layout.full_numel, dtype=dtype, device=device)
             for s, p in zip(self.layout.slots, slot_params, strict=True):
-                p.grad = self.full_grad[s.full_offset : s.full_offset + s.numel].view(s.shape)
+                p.grad = full_grad[s.full_offset : s.full_offset + s.numel].view(s.shape)
+            grad_pieces = [self._piece(full_grad, s.full_offset, s.chunk) for s in self.layout.slots]
         self.sync = GradSync(
             slot_params,
             self.layout,
@@ -111,14 +115,7 @@ class ShardedOptimizer(PieceOptimizer):
         # this rank's pieces (views, padded to the chunk size) and the rule's state for them
         self._specs = layout_specs(self.layout, self.shard_rank)
         self._param_pieces = [self._piece(self.full_param, s.full_offset, s.chunk) for s in self.layout.slots]
-        if zero_stage == 2:
-            self._grad_pieces = [
-                self.shard_grad[s.shard_offset : s.shard_offset + s.chunk] for s in self.layout.slots
-            ]
-        else:
-            self._grad_pieces = [
-                self._piece(self.full_grad, s.full_offset, s.chunk) for s in self.layout.slots
-            ]
+        self._grad_pieces = grad_pieces
         groups = GroupOptions(
             weight_decay,
             tuple(exclude_from_weight_decay),

@@ -64,7 +64,6 @@ class ShardStateAPI:
 
     shard_state: dict[str, list[Tensor]]
     rule: Rule
-    comm: Comm
     layer_names: list[str]
     layer_shapes: list[tuple[int, ...]]
     layer_params: list[Tensor]
@@ -72,6 +71,11 @@ class ShardStateAPI:
     applied_steps: int
     skipped_steps: int
     _owned: list[ShardSpec] | None = None
+
+    @property
+    def comm(self) -> Comm:
+        """The collectives of the ranks the state is split over."""
+        raise NotImplementedError
 
     def shard_specs(self) -> list[ShardSpec]:
         """This rank's piece of every parameter's optimizer state, in layer order."""
@@ -116,7 +120,7 @@ class ShardStateAPI:
             **self._counters(),
         }
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         """The full (unsharded) state, gathered on every rank (a collective): loads at any world size."""
         sd = self.shard_state_dict()
         specs = self.shard_specs()
@@ -144,7 +148,7 @@ class ShardStateAPI:
             sd["rule_state"] = merged
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load :meth:`state_dict` (any world size) or a :meth:`shard_state_dict` (same pieces)."""
         self.load_sharded_state(state_dict["state"], state_dict.get("offsets", {}))
         self._load_counters(state_dict)

@@ -198,7 +198,7 @@ def build_deepspeed(
     groups = GroupOptions.from_config(o)
     stage = cfg.distributed.zero_stage
     if stage == 0:
-        client: torch.optim.Optimizer = ChunkedOptimizer(
+        client: ChunkedOptimizer | LocalRuleOptimizer = ChunkedOptimizer(
             model.named_parameters(), rule, lr=lr, groups=groups, max_grad_norm=o.max_grad_norm
         )
     else:
@@ -223,7 +223,7 @@ class DeepSpeedOptimizer:
     def __init__(
         self,
         engine: Any,
-        client: torch.optim.Optimizer,
+        client: ChunkedOptimizer | LocalRuleOptimizer,
         *,
         name: str,
         zero_stage: int,
@@ -291,7 +291,7 @@ class DeepSpeedOptimizer:
         stats["time/engine_step_ms"] = 1e3 * (time.perf_counter() - t0)
         applied = bool(self.engine.was_step_applied())
         if self.zero_stage == 0:
-            stats.update(self.client.last_stats)
+            stats.update(self._chunked().last_stats)
         else:
             norm = self.engine.get_global_grad_norm()
             stats["grad_norm"] = float(norm) if norm is not None and applied else float("nan")
@@ -339,7 +339,7 @@ class DeepSpeedOptimizer:
         """Stage 0 only: this rank's chunks in the native engine's format (for DCP checkpoints)."""
         if self.zero_stage != 0:
             raise NotImplementedError("at ZeRO-1/2 DeepSpeed owns the state: use save_checkpoint/state_dict")
-        return self.client.shard_state_dict()
+        return self._chunked().shard_state_dict()
 
     # -- stage 0: the client's state in the native engine's layout (dist-opt's DCP checkpoints) ------
     def _chunked(self) -> ChunkedOptimizer:
@@ -370,7 +370,7 @@ class DeepSpeedOptimizer:
 
     @property
     def skipped_steps(self) -> int:
-        return self.client.skipped_steps if self.zero_stage == 0 else self._skipped
+        return self._chunked().skipped_steps if self.zero_stage == 0 else self._skipped
 
     @property
     def applied_steps(self) -> int:

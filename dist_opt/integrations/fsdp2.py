@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,9 @@ from dist_opt.config.schema import Config
 from dist_opt.engine.core import GroupOptions, PieceOptimizer
 from dist_opt.engine.state_codec import ShardSpec
 from dist_opt.optim.base import Rule
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
@@ -115,17 +118,22 @@ class FSDP2Optimizer(PieceOptimizer):
         """This rank's rows of every parameter (FSDP2's dim-0 split, ``ceil(d0 / N)`` rows per rank)."""
         return list(self._specs)
 
+    @property
+    def _dparams(self) -> list[DTensor]:
+        """The parameters, all DTensors (checked at construction)."""
+        return cast("list[DTensor]", self.layer_params)
+
     def param_pieces(self) -> list[Tensor]:
-        return [p.to_local().view(-1) for p in self.layer_params]
+        return [p.to_local().view(-1) for p in self._dparams]
 
     def grad_pieces(self) -> list[Tensor]:
         out = []
-        for p in self.layer_params:
+        for p in self._dparams:
             if p.grad is None:
                 local = p.to_local()
                 out.append(torch.zeros(local.numel(), dtype=local.dtype, device=local.device))
             else:
-                out.append(p.grad.to_local().view(-1))
+                out.append(cast("DTensor", p.grad).to_local().view(-1))  # a DTensor's gradient is one
         return out
 
     def owned_params(self) -> list[Tensor]:
@@ -140,19 +148,24 @@ class FSDP2Optimizer(PieceOptimizer):
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         """Accumulate unsharded gradients locally; the next backward outside reduce-scatters them."""
-        self.model.set_requires_gradient_sync(False)
+        from torch.distributed.fsdp import FSDPModule
+
+        model = self.model
+        if not isinstance(model, FSDPModule):
+            raise TypeError("FSDP2Optimizer.no_sync: the model is not fully_shard-ed")
+        model.set_requires_gradient_sync(False)
         try:
             yield
         finally:
-            self.model.set_requires_gradient_sync(True)
+            model.set_requires_gradient_sync(True)
 
     # -- state: DTensors with the parameters' placements (reshardable through DCP) ------------------
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         from torch.distributed.tensor import DTensor
 
         state: dict[str, dict[str, Any]] = {}
         for name, p, entry in zip(
-            self.layer_names, self.layer_params, self.sharded_state().values(), strict=True
+            self.layer_names, self._dparams, self.sharded_state().values(), strict=True
         ):
             state[name] = {
                 k: piece
@@ -174,14 +187,14 @@ class FSDP2Optimizer(PieceOptimizer):
         return self.state_dict()
 
     @torch.no_grad()
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load DTensor state (any world size, via DCP) or full plain tensors (sliced to this shard)."""
         from torch.distributed.tensor import DTensor
 
         st = state_dict["state"]
         pieces: dict[str, dict[str, Tensor]] = {}
         offsets: dict[str, int] = {}
-        for s, p in zip(self._specs, self.layer_params, strict=True):
+        for s, p in zip(self._specs, self._dparams, strict=True):
             if s.name not in st:
                 continue  # load_sharded_state names every missing parameter
             entry = pieces[s.name] = {}

@@ -184,7 +184,7 @@ class Adam(_CountsSteps):
 
     def _step_uncorrected(self, g: GroupShard, b1: float, b2: float) -> None:
         lr, wd = g.hp["lr"], g.hp["weight_decay"]
-        grads = g.grads
+        grads: list[Tensor] | tuple[Tensor, ...] = g.grads
         torch._foreach_add_(g.state["step"], 1)
         if wd and self.decoupled_weight_decay:
             torch._foreach_mul_(g.params, 1 - lr * wd)

@@ -94,7 +94,8 @@ class RuleSpec:
         if callable(self.rule):
             return self.rule
         module, _, attr = self.rule.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        rule: Callable[..., Any] = getattr(importlib.import_module(module), attr)
+        return rule
 
 
 _KEYS: dict[str, Key] = {}

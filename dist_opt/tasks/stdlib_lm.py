@@ -170,8 +170,9 @@ class ByteGPT(nn.Module):
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 std = residual_std if name.endswith(".proj") else 0.02
                 m.weight.normal_(0.0, std, generator=g)
-                if getattr(m, "bias", None) is not None:
-                    m.bias.zero_()
+                bias = getattr(m, "bias", None)
+                if bias is not None:
+                    bias.zero_()
             elif isinstance(m, nn.LayerNorm):
                 m.reset_parameters()
         return self

@@ -213,7 +213,8 @@ def iter_wandb_records(path: str | os.PathLike, strict: bool = True) -> Iterator
     from wandb.proto import wandb_internal_pb2 as pb
 
     for payload in _iter_payloads(path, strict):
-        rec = pb.Record()
+        # protobuf builds the message classes at import time; wandb's package declares none of them
+        rec = pb.Record()  # type: ignore[attr-defined]
         rec.ParseFromString(payload)
         yield rec
 
@@ -227,7 +228,8 @@ def has_exit_record(path: str | os.PathLike, last: int = 8) -> bool:
     except (OSError, ValueError):
         return False
     for payload in reversed(tail):
-        rec = pb.Record()
+        # protobuf builds the message classes at import time; wandb's package declares none of them
+        rec = pb.Record()  # type: ignore[attr-defined]
         rec.ParseFromString(payload)
         if rec.WhichOneof("record_type") == "exit":
             return True

@@ -99,4 +99,5 @@ def load_block(b: BlockInfo, st: BlockState, entry: dict[str, Any], pdtype: torc
 def _need(entry: dict[str, Any], name: str, key: str) -> Tensor:
     if name not in entry:
         raise KeyError(f"shampoo state for block {key!r} lacks {name!r} (saved with other betas/grafting?)")
-    return entry[name]
+    value: Tensor = entry[name]
+    return value

@@ -37,7 +37,8 @@ FAILED = RootResult(None, False, math.inf)
 
 def _eigh(a: Tensor) -> tuple[Tensor, Tensor] | None:
     try:
-        return torch.linalg.eigh(a)
+        lam, q = torch.linalg.eigh(a)
+        return lam, q
     except RuntimeError:  # torch.linalg.LinAlgError: no convergence
         if a.dtype == torch.float64:
             return None

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -116,7 +116,7 @@ class Shampoo(Rule):
         self.world, self.rank = 1, 0
         self.owned: list[BlockInfo] = []
         self.state: dict[str, BlockState] = {}
-        self._signature: tuple | None = None
+        self._signature: tuple[tuple[int, tuple[int, ...]], ...] | None = None
         self._send: Tensor | None = None
         self._recv: Tensor | None = None
         self._pending: dict[str, Any] = {}
@@ -125,6 +125,18 @@ class Shampoo(Rule):
         self.global_max_condition = 1.0
 
     # -- plan -------------------------------------------------------------------------------------
+    def _built_plan(self) -> list[BlockInfo]:
+        """The block plan (built at the first step)."""
+        if self.plan is None:
+            raise RuntimeError("Shampoo: no block plan yet (it is built at the first step)")
+        return self.plan
+
+    def _send_buffer(self) -> Tensor:
+        """This rank's packed new block values (allocated with the plan)."""
+        if self._send is None:
+            raise RuntimeError("Shampoo: no block plan yet (it is built at the first step)")
+        return self._send
+
     def exponent(self, order: int) -> float:
         """e in H_i^(-e) for a block of this order: 1/(2k) unless overridden."""
         return float(self.exponent_override) if self.exponent_override is not None else 1.0 / (2 * order)
@@ -262,7 +274,7 @@ class Shampoo(Rule):
                     d = d.mul_(dg_norm / ds_norm if ds_norm > 0 else 0.0)
             else:
                 d = d_graft
-        new = self._send[b.offset : b.offset + b.block.numel].view(b.block.shape)
+        new = self._send_buffer()[b.offset : b.offset + b.block.numel].view(b.block.shape)
         p = block_view(param, b.layer, b.block)
         if wd:
             torch.mul(p, 1.0 - lr * wd, out=new)
@@ -312,12 +324,15 @@ class Shampoo(Rule):
 
     def _exchange(self, groups: Sequence[GroupShard], comm: Any) -> None:
         """All-gather every rank's packed new values and copy them into the parameters."""
+        send = self._send_buffer()
         if comm is None:
-            buf = self._send.view(1, -1)
+            buf = send.view(1, -1)
         else:
-            comm.all_gather(self._recv, self._send)
-            buf = self._recv.view(self.world, -1)
-        for b in self.plan:
+            recv = self._recv
+            assert recv is not None  # allocated with the plan whenever there is more than one rank
+            comm.all_gather(recv, send)
+            buf = recv.view(self.world, -1)
+        for b in self._built_plan():
             src = buf[b.owner, b.offset : b.offset + b.block.numel]
             dst = block_view(groups[b.group].params[b.piece], b.layer, b.block)
             dst.copy_(src.view(dst.shape))
@@ -356,7 +371,7 @@ class Shampoo(Rule):
         state, self._pending = self._pending, {}
         if not state:
             return
-        known = {b.key for b in self.plan}
+        known = {b.key for b in self._built_plan()}
         unknown = sorted(set(state) - known)
         if unknown:
             raise KeyError(
@@ -386,4 +401,4 @@ class Shampoo(Rule):
 
 def build_shampoo(**hp: Any) -> Shampoo:
     """A Shampoo rule from optimizer.* config keys (None or absent: the declared default)."""
-    return build_rule("shampoo", **hp)
+    return cast(Shampoo, build_rule("shampoo", **hp))
