@@ -104,6 +104,8 @@ class Trainer:
             self.total_steps = cfg.train.steps
         elif spe is None:
             raise ConfigError(["train.epochs: the task is an unlimited stream; set train.steps"])
+        elif cfg.train.epochs is None:  # the schema already refuses a config with neither
+            raise ConfigError(["train: set train.steps or train.epochs"])
         else:
             self.total_steps = cfg.train.epochs * spe
         track = cfg.tracking.noise_scale and self.world > 1

@@ -95,7 +95,7 @@ def sumsq_into(out: Tensor, row: int, layers: Sequence[int], tensors: Sequence[T
 def group_momentum(g: GroupShard, built: float) -> float:
     """The group's ``momentum`` (``built`` when the group has none). A rule built with momentum 0
     keeps no momentum buffer, so a non-zero value set later (by a scheduler) is refused, not ignored."""
-    mu = g.hp.get("momentum", built)
+    mu = float(g.hp.get("momentum", built))
     _need_buffer(mu, built, "momentum")
     return mu
 

@@ -65,7 +65,7 @@ class SGD(Rule):
             )
             if mu:
                 for dst, src in zip(g.state["momentum_buffer"], bufs, strict=True):
-                    if src is not dst:
+                    if src is not None and src is not dst:
                         dst.copy_(src)
 
 
