@@ -39,8 +39,9 @@ import torch.distributed as dist
 from dist_opt.config import Config, ConfigError, load_config
 from dist_opt.config.loader import apply_overrides, validate
 from dist_opt.dist.env import detect
+from dist_opt.outcome import NonFiniteStorm, StopRun, Summary
 from dist_opt.tasks.base import Task
-from dist_opt.trainer import NonFiniteStorm, StopRun, Summary, Trainer
+from dist_opt.trainer import Trainer
 
 __all__ = ["ConfigError", "NonFiniteStorm", "StopRun", "Summary", "Task", "fit", "resolve_config"]
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeGuard
 
+from dist_opt.outputs import write_outputs
 from dist_opt.tracking.metrics_file import read_metrics
 
 METRICS_FILE = "metrics.jsonl"
@@ -148,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dist-opt report: error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    try:
+
+    def write() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, format="png", dpi=100)
         if table is not None:
@@ -156,11 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sys.stdout.write(table)
             else:
                 Path(args.markdown).write_text(table, encoding="utf-8")
-    except OSError as e:
-        print(f"dist-opt report: error: cannot write {e.filename}: {e.strerror}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+
+    return write_outputs("dist-opt report", out, write)
 
 
 if __name__ == "__main__":

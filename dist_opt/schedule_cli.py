@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from dist_opt.config.loader import ConfigError, load_config
 from dist_opt.config.schema import Config
+from dist_opt.outputs import write_outputs
 from dist_opt.schedules import lr_trace, scaled_lr
 
 if TYPE_CHECKING:
@@ -142,14 +143,11 @@ def main(argv: list[str]) -> int:
         print(f"{t:>{width}}  {lrs[t - 1]:.6g}")
     peak = max(lrs)
     print(f"peak {peak:.6g} at step {lrs.index(peak) + 1}, last {lrs[-1]:.6g}")
-    if args.plot is not None:
-        try:
-            plot_lr(lrs, args.plot, _describe(cfg, total, spe))
-        except OSError as e:
-            print(f"error: --plot {args.plot}: {e.strerror or e}", file=sys.stderr)
-            return 2
-        print(f"wrote {args.plot}")
-    return 0
+    if args.plot is None:
+        return 0
+    return write_outputs(
+        "dist-opt schedule", args.plot, lambda: plot_lr(lrs, args.plot, _describe(cfg, total, spe))
+    )
 
 
 if __name__ == "__main__":

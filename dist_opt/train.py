@@ -26,7 +26,7 @@ import torch
 from dist_opt.config import Config, ConfigError, dump_yaml, load_config
 from dist_opt.dist.env import LaunchEnvError, detect
 from dist_opt.dist.group import destroy_process_group, init_process_group
-from dist_opt.trainer import (  # noqa: F401 - re-exported: these names were importable from here
+from dist_opt.outcome import (  # noqa: F401 - re-exported: these names were importable from here
     EXIT_BAD_INPUT,
     EXIT_FAIL,
     EXIT_NONFINITE,
@@ -35,9 +35,8 @@ from dist_opt.trainer import (  # noqa: F401 - re-exported: these names were imp
     NonFiniteStorm,
     StopRun,
     Summary,
-    Trainer,
-    build_extensions,
 )
+from dist_opt.trainer import Trainer, build_extensions  # noqa: F401 - re-exported
 
 
 class _ArgParser(argparse.ArgumentParser):

@@ -28,33 +28,19 @@ from dist_opt.config import Config, ConfigError, dump_yaml
 from dist_opt.data.sampler import GlobalBatchSampler
 from dist_opt.engine.buffers import BufferSync, convert_sync_batchnorm
 from dist_opt.evaluation import evaluate
-from dist_opt.outcome import (
-    EXIT_BAD_INPUT,
-    EXIT_FAIL,
-    EXIT_NONFINITE,
-    EXIT_OK,
-    EXIT_STOPPED,
-    NonFiniteStorm,
-    StopRun,
-    Summary,
-)
+from dist_opt.outcome import EXIT_FAIL, EXIT_OK, NonFiniteStorm, StopRun, Summary
 
 if TYPE_CHECKING:
     from dist_opt.extensions import Extension
     from dist_opt.tasks.base import Batch, Task
 
 __all__ = [
-    "EXIT_BAD_INPUT",
-    "EXIT_FAIL",
-    "EXIT_NONFINITE",
-    "EXIT_OK",
-    "EXIT_STOPPED",
     "NonFiniteStorm",
     "StopRun",
     "Summary",
     "Trainer",
     "build_extensions",
-]
+]  # the outcome names: re-exported
 
 
 def build_extensions(cfg: Config) -> list[Extension]:

@@ -61,13 +61,17 @@ class Rule(ABC):
     def init_state(self, pieces: Sequence[Tensor]) -> dict[str, list[Tensor]]:
         return {n: [torch.zeros_like(p) for p in pieces] for n in self.state_names}
 
+    #: attributes published in every param group (see :meth:`group_hyper`)
+    group_hyper_keys: tuple[str, ...] = ()
+
     def group_hyper(self) -> dict[str, Any]:
         """Hyper-parameters the rule reads from its param group at every step, with the values it was
         built with, under torch.optim's names (``momentum``; ``betas`` as a tuple). The engines put
         them into every param group (and the optimizer's ``defaults``), so torch schedulers that
         cycle momentum (``OneCycleLR``, ``CyclicLR``) drive them; a group without the key (a
-        hand-built ``GroupShard``) falls back to the built value."""
-        return {}
+        hand-built ``GroupShard``) falls back to the built value. By default the attributes named in
+        ``group_hyper_keys``."""
+        return {k: getattr(self, k) for k in self.group_hyper_keys}
 
     @abstractmethod
     def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:

@@ -129,29 +129,22 @@ register_rule(
         elementwise=True,
     )
 )
-register_rule(
-    RuleSpec(
-        "adam",
-        f"{ELEMENTWISE}:Adam",
-        "Adam with L2 weight decay (Kingma & Ba).",
-        hyper=ADAM_KEYS,
-        fixed={"decoupled": False},
-        structural=("amsgrad",),
-        elementwise=True,
+for _name, _decoupled, _doc in (
+    ("adam", False, "Adam with L2 weight decay (Kingma & Ba)."),
+    ("adamw", True, "AdamW: Adam with decoupled weight decay (Loshchilov & Hutter)."),
+):
+    register_rule(
+        RuleSpec(
+            _name,
+            f"{ELEMENTWISE}:Adam",
+            _doc,
+            hyper=ADAM_KEYS,
+            fixed={"decoupled": _decoupled},
+            structural=("amsgrad",),
+            elementwise=True,
+            decoupled_weight_decay=_decoupled,
+        )
     )
-)
-register_rule(
-    RuleSpec(
-        "adamw",
-        f"{ELEMENTWISE}:Adam",
-        "AdamW: Adam with decoupled weight decay (Loshchilov & Hutter).",
-        hyper=ADAM_KEYS,
-        fixed={"decoupled": True},
-        structural=("amsgrad",),
-        elementwise=True,
-        decoupled_weight_decay=True,
-    )
-)
 register_rule(
     RuleSpec(
         "lars",

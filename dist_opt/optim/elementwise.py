@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.optim.adagrad as _adagrad
@@ -35,12 +34,11 @@ def _fused_ok(pieces: Sequence[Tensor]) -> bool:
 class SGD(Rule):
     """SGD, heavy-ball momentum (PyTorch form b = μb + (1-τ)g) and Nesterov; L2 weight decay."""
 
+    group_hyper_keys = ("momentum",)
+
     def __init__(self, *, momentum: float, dampening: float, nesterov: bool):
         self.momentum, self.dampening, self.nesterov = momentum, dampening, nesterov
         self.state_names = ("momentum_buffer",) if momentum else ()
-
-    def group_hyper(self) -> dict[str, Any]:
-        return {"momentum": self.momentum}
 
     def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
         mus = [group_momentum(g, self.momentum) for g in groups]  # checked before any update
@@ -104,15 +102,14 @@ class _CountsSteps(Rule):
 
 
 class RMSProp(_CountsSteps):
+    group_hyper_keys = ("momentum",)
+
     def __init__(self, *, alpha: float, eps: float, momentum: float, centered: bool):
         self.alpha, self.eps, self.momentum, self.centered = alpha, eps, momentum, centered
         names = (
             ["square_avg"] + (["grad_avg"] if centered else []) + (["momentum_buffer"] if momentum else [])
         )
         self.state_names = tuple(names)
-
-    def group_hyper(self) -> dict[str, Any]:
-        return {"momentum": self.momentum}
 
     def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
         mus = [group_momentum(g, self.momentum) for g in groups]  # checked before any update
@@ -137,6 +134,8 @@ class RMSProp(_CountsSteps):
 class Adam(_CountsSteps):
     """Adam (L2 decay) or AdamW (decoupled decay), Kingma & Ba with bias correction."""
 
+    group_hyper_keys = ("betas",)
+
     def __init__(
         self,
         *,
@@ -152,9 +151,6 @@ class Adam(_CountsSteps):
         self.decoupled_weight_decay = decoupled
         self.fused = fused
         self.state_names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
-
-    def group_hyper(self) -> dict[str, Any]:
-        return {"betas": self.betas}
 
     def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
         for g in groups:

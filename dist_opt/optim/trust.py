@@ -11,7 +11,6 @@ LARS's ``momentum`` and LAMB's ``betas`` are read from each param group at every
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,6 +40,8 @@ def _summarize(ctx: StepContext, ratios: Tensor, trusted: Tensor) -> None:
 class LARS(Rule):
     """λ = η‖p‖/(‖g‖ + β‖p‖) (or η‖p‖/‖g + βp‖, the TF/MLPerf form); b = m·b + γ·λ·(g + βp); p -= b."""
 
+    group_hyper_keys = ("momentum",)
+
     uses_trust_ratio = True
 
     def __init__(self, *, momentum: float, trust_coefficient: float, lars_denominator: str):
@@ -48,9 +49,6 @@ class LARS(Rule):
             raise ValueError(f"optimizer.lars_denominator: must be 'paper' or 'tf', got {lars_denominator!r}")
         self.momentum, self.eta, self.denominator = momentum, trust_coefficient, lars_denominator
         self.state_names = ("momentum_buffer",) if momentum else ()
-
-    def group_hyper(self) -> dict[str, Any]:
-        return {"momentum": self.momentum}
 
     def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
         mus = [group_momentum(g, self.momentum) for g in groups]  # checked before any update
@@ -93,6 +91,8 @@ class LARS(Rule):
 class LAMB(Rule):
     """Adam direction r = m̂/(√v̂ + ε), u = r + λp (decoupled), p -= lr·φ(‖p‖)/‖u‖·u."""
 
+    group_hyper_keys = ("betas",)
+
     uses_trust_ratio = True
     decoupled_weight_decay = True
     state_names = ("exp_avg", "exp_avg_sq")
@@ -108,9 +108,6 @@ class LAMB(Rule):
         b1, b2 = betas
         clip = tuple(trust_clip) if trust_clip else None
         self.betas, self.eps, self.bias_correction, self.trust_clip = (b1, b2), eps, bias_correction, clip
-
-    def group_hyper(self) -> dict[str, Any]:
-        return {"betas": self.betas}
 
     def step(self, groups: Sequence[GroupShard], ctx: StepContext) -> None:
         t = ctx.step
