@@ -34,20 +34,20 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from dist_opt.optim.base import GroupShard, Rule, StepContext, group_betas
-from dist_opt.optim.registry import build_rule, rule_spec
+from dist_opt.optim.registry import rule_spec
 from dist_opt.optim.shampoo.assignment import assign, block_cost
 from dist_opt.optim.shampoo.blocking import Block, LayerBlocking, block_layer, block_view
 from dist_opt.optim.shampoo.blocks import BlockInfo, BlockState, factor_names, load_block, save_block
 from dist_opt.optim.shampoo.grafting import GRAFTS, STATEFUL_GRAFTS, first_moment, graft_direction
 from dist_opt.optim.shampoo.matrix_root import gram_update_, inverse_root
 
-__all__ = ["DTYPES", "GRAFTS", "BlockInfo", "BlockState", "Shampoo", "build_shampoo", "factor_names"]
+__all__ = ["DTYPES", "GRAFTS", "BlockInfo", "BlockState", "Shampoo", "factor_names"]
 
 _D = rule_spec("shampoo").hyper  # the declared defaults
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -397,8 +397,3 @@ class Shampoo(Rule):
             for st in self.state.values()
             for t in list(st.factors) + [r for r in st.roots if r is not None]
         )
-
-
-def build_shampoo(**hp: Any) -> Shampoo:
-    """A Shampoo rule from optimizer.* config keys (None or absent: the declared default)."""
-    return cast(Shampoo, build_rule("shampoo", **hp))
