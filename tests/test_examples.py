@@ -98,17 +98,15 @@ def test_gpt_example_named_by_import_path_trains_with_lamb_zero2(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_converted_plain_script_runs_and_the_readme_shows_its_real_diff(tmp_path):
+    script = (EXAMPLES / "plain_script" / "after.py").read_text()
+    assert '"train": {"epochs": 5}' in script
+    (tmp_path / "after.py").write_text(script.replace('"train": {"epochs": 5}', '"train": {"epochs": 1}'))
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "plain_script" / "after.py")],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=280,
+        [sys.executable, "after.py"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=280
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = _summary(tmp_path / "runs" / "default")
-    assert s["world_size"] == 2 and s["train_loss"] < 1.0
+    assert s["world_size"] == 2 and s["steps"] == 2048 // 64 and s["train_loss"] < 1.4  # chance: ln 5 = 1.61
     before = (EXAMPLES / "plain_script" / "before.py").read_text().splitlines()
     after = (EXAMPLES / "plain_script" / "after.py").read_text().splitlines()
     changed = [

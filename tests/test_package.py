@@ -109,6 +109,7 @@ def test_fresh_venv_with_the_wheel_inits_and_trains_from_an_empty_directory(whee
             "-q",
             "--no-deps",
             "--no-index",
+            "--ignore-installed",  # never uninstall the dist-opt of the running environment
             "--prefix",
             str(venv),
             str(wheel),
