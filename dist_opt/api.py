@@ -58,7 +58,7 @@ def resolve_config(config: ConfigLike, overrides: Sequence[str] = ()) -> Config:
         )
     if isinstance(config, Config):
         if not overrides:
-            return config
+            return config.model_copy(deep=True)  # fit may name the task in it: never the caller's object
         return validate(apply_overrides(config.model_dump(mode="json", by_alias=True), overrides))
     if isinstance(config, Mapping):
         return validate(apply_overrides(dict(config), overrides))
@@ -78,10 +78,22 @@ def fit(config: ConfigLike, task: Task | None = None, overrides: Sequence[str] =
     joined = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if joined else env.world_size if env.is_launched else cfg.distributed.nproc
     validate_for_world(cfg, world)
+    if task is not None:
+        _record_task_name(cfg, task)
     if not joined and not env.is_launched and world > 1:
         program = _this_program(world)
         raise SystemExit(spawn_ranks(program, world, cfg.train.preemption_signals))
     return _fit_in_group(cfg, env, task, joined)
+
+
+def _record_task_name(cfg: Config, task: Task) -> None:
+    """Name the given task in the config (``config.yaml``, checkpoint manifests: a resume with another
+    task class is then refused) as ``module:Class`` when it has such a name, instead of the default."""
+    from dist_opt.config.schema import TASK_IMPORT_PATH
+
+    name = f"{type(task).__module__}:{type(task).__qualname__}"
+    if TASK_IMPORT_PATH.fullmatch(name):
+        cfg.task.name = name
 
 
 def _fit_in_group(cfg: Config, env: Any, task: Task | None, joined: bool) -> Summary:

@@ -118,7 +118,9 @@ def test_config_forms_and_bad_configs(tmp_path):
     as_dict = config(tmp_path)
     cfg = resolve_config(as_dict, ["optimizer.lr=0.5"])
     assert cfg.optimizer.lr == 0.5 and cfg.data.global_batch == 16
-    assert resolve_config(cfg) is cfg
+    assert (
+        resolve_config(cfg) == cfg and resolve_config(cfg) is not cfg
+    )  # a copy: fit may name the task in it
     assert resolve_config(cfg, ["train.steps=3"]).train.steps == 3
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  global_batch: 32\n")
