@@ -97,7 +97,7 @@ class ShardedOptimizer(PieceOptimizer):
             raise ValueError("ShardedOptimizer needs all parameters on one device")
         dtypes = list(dict.fromkeys(p.dtype for p in slot_params))  # in layout order
         if reduce_dtype is None:
-            reduce_dtype = dtypes[0] if len(dtypes) == 1 else (master_dtype or torch.float32)
+            reduce_dtype = master_dtype or (dtypes[0] if len(dtypes) == 1 else torch.float32)
         dtype = reduce_dtype
 
         # flat parameter buffers, one per working dtype (each holds its slots, padded, in layout
