@@ -349,8 +349,9 @@ class Trainer:
         for k, v in st.items():
             if k.startswith(("time/", "trust_ratio/", "shampoo/")) and isinstance(v, int | float | str):
                 metrics[k] = v
-        if "clip_coef" in st:
-            metrics["clip_coef"] = st["clip_coef"]
+        for k in ("clip_coef", "loss_scale"):  # loss_scale: precision.compute fp16
+            if k in st:
+                metrics[k] = st[k]
         if self.noise is not None and "local_grad_sq" in st and applied:
             b_small = self.micro * st["local_micro_steps"]
             if b_small < gb:

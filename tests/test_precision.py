@@ -428,3 +428,50 @@ def test_precision_config_checks_and_non_native_refusals():
         None, ["precision.compute=bf16", "distributed.engine=deepspeed", "checkpoint.at_end=false"]
     )
     assert not any(p.startswith("precision") for p in check_engine(cfg, 2))  # autocast works everywhere
+
+
+def test_cast_params_keeps_buffers_and_batchnorm_in_fp32():
+    from dist_opt.config.precision import PrecisionConfig
+    from dist_opt.engine.precision import cast_params
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    cast_params(model, PrecisionConfig(params="bf16", compute="bf16"))
+    dtypes = {
+        n: t.dtype for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()
+    }
+    assert dtypes == {
+        "0.weight": BF16,
+        "0.bias": BF16,
+        "1.weight": torch.float32,
+        "1.bias": torch.float32,
+        "1.running_mean": torch.float32,
+        "1.running_var": torch.float32,
+    }
+
+
+def test_shampoo_statistics_are_fp32_with_bf16_parameters():
+    model = bf16_model()
+    opt = ShardedOptimizer(
+        model.named_parameters(), "shampoo", lr=0.01, precondition_frequency=2, max_preconditioner_dim=8
+    )
+    for step in range(3):
+        x, y = batch(step)
+        with autocast():
+            loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        assert opt.step() is True
+        opt.zero_grad()
+
+    def tensors(obj):
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                yield from tensors(v)
+        elif isinstance(obj, list | tuple):
+            for v in obj:
+                yield from tensors(v)
+
+    stats = [t for t in tensors(opt.rule.rule_state_dict()) if t.is_floating_point()]
+    assert stats and {t.dtype for t in stats} == {torch.float32}
+    assert all(p.dtype == BF16 for p in model.parameters())

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 from dist_opt.engine.loss_scale import LossScaler
 
@@ -33,11 +34,17 @@ def autocast(p: PrecisionConfig, device: torch.device) -> contextlib.AbstractCon
 
 @torch.no_grad()
 def cast_params(model: nn.Module, p: PrecisionConfig) -> nn.Module:
-    """Cast the model's floating *parameters* to ``precision.params`` (buffers such as BatchNorm
-    running statistics keep their dtype)."""
+    """Cast the model's floating *parameters* to ``precision.params``. Buffers keep their dtype, and
+    so do the affine parameters of BatchNorm-like layers (their fp32 running statistics and a bf16
+    weight cannot meet in one CPU kernel; bf16 inputs with fp32 parameters can): the engine accepts
+    the resulting mixed-dtype model, those fp32 parameters being their own masters."""
     dtype = DTYPES[p.params]
-    if dtype != torch.float32:
-        for param in model.parameters():
+    if dtype == torch.float32:
+        return model
+    for module in model.modules():
+        if isinstance(module, _NormBase):
+            continue
+        for param in module.parameters(recurse=False):
             if param.is_floating_point():
                 param.data = param.data.to(dtype)
     return model
