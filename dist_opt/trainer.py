@@ -27,6 +27,7 @@ import torch.distributed as dist
 from dist_opt.config import Config, ConfigError, dump_yaml
 from dist_opt.data.sampler import GlobalBatchSampler
 from dist_opt.engine.buffers import BufferSync, convert_sync_batchnorm
+from dist_opt.engine.precision import autocast, cast_params
 from dist_opt.evaluation import evaluate
 from dist_opt.outcome import EXIT_FAIL, EXIT_OK, NonFiniteStorm, StopRun, Summary
 
@@ -78,7 +79,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed * 1000 + self.rank)
         self.task = task if task is not None else build_task(cfg.task, cfg.run.seed)
         configure_loader(self.task, cfg.data, cfg.run.seed)  # DataLoader settings and run seed, where used
-        self.model = self.task.build_model().to(device)
+        self.model = cast_params(self.task.build_model().to(device), cfg.precision)
         if cfg.model.sync_batchnorm:
             try:
                 self.model = convert_sync_batchnorm(self.model, device)
@@ -272,16 +273,18 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         batches = self._next_batches()
-        loss_sum = torch.zeros(2, dtype=torch.float64)
+        # summed on the device (no host sync per micro-step); 0 + x is exact, so this is float(loss) summed
+        loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
+        scale = float(getattr(self.opt, "loss_scale", 1.0))  # fp16 loss scaling (precision.loss_scale)
         self.model.train()
         for k in range(self.accum):
             batch = next(batches)
             ctx = self.opt.no_sync() if k < self.accum - 1 else contextlib.nullcontext()
             with ctx:
-                loss = self.task.loss(self.model, batch)
-                loss.backward()
-            loss_sum[0] += float(loss.detach())
-            loss_sum[1] += 1
+                with autocast(self.cfg.precision, self.device):
+                    loss = self.task.loss(self.model, batch)
+                (loss * scale if scale != 1.0 else loss).backward()
+            loss_acc += loss.detach().double()
         t1 = time.perf_counter()
         lr = self.opt.param_groups[0]["lr"]
         applied = self.opt.step()
@@ -289,8 +292,10 @@ class Trainer:
         if self.buffer_sync is not None and not self.buffer_sync.empty:
             self.buffer_sync.sync()  # rank 0's BatchNorm statistics everywhere (model.broadcast_buffers)
         # a signal may set stop_requested at any moment: the loop acts only on the agreed value
-        loss_sum = torch.cat([loss_sum, torch.tensor([float(self.stop_requested)], dtype=torch.float64)])
+        extra = torch.tensor([float(self.accum), float(self.stop_requested)], dtype=torch.float64)
+        loss_sum = torch.cat([loss_acc.reshape(1), extra.to(self.device)])
         dist.all_reduce(loss_sum)  # mean loss over the global batch, and: does any rank want to stop?
+        loss_sum = loss_sum.cpu()  # the step's one host sync for the loss
         self.stop_agreed = bool(loss_sum[2] > 0)
         if self.stop_agreed:
             self.request_stop("stop requested by another rank")
@@ -330,8 +335,9 @@ class Trainer:
         for k, v in st.items():
             if k.startswith(("time/", "trust_ratio/", "shampoo/")) and isinstance(v, int | float | str):
                 metrics[k] = v
-        if "clip_coef" in st:
-            metrics["clip_coef"] = st["clip_coef"]
+        for k in ("clip_coef", "loss_scale"):  # loss_scale: precision.compute fp16
+            if k in st:
+                metrics[k] = st[k]
         if self.noise is not None and "local_grad_sq" in st and applied:
             b_small = self.micro * st["local_micro_steps"]
             if b_small < gb:
@@ -353,7 +359,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Held-out loss (and accuracy) of the model as it is now, over all ranks (collective)."""
-        return evaluate(self.task, self.model, self.rank, self.world, self.cfg.train.eval_max_samples)
+        with autocast(self.cfg.precision, self.device):
+            return evaluate(self.task, self.model, self.rank, self.world, self.cfg.train.eval_max_samples)
 
     def _finish(self, summary: Summary) -> None:
         from dist_opt.integrations import full_state_dict

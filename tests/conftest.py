@@ -30,6 +30,7 @@ DIST_MODULES = {
     "test_engines",  # DeepSpeed / FSDP2 on gloo ranks, the real deepspeed launcher
     "test_faults",  # signals to real launches
     "test_launch_run",  # torchrun, deepspeed, mpiexec and local launches
+    "test_precision",  # bf16 / fp16 runs on gloo ranks, their checkpoints and reshards
 }
 # single tests in otherwise quick modules that start ranks or whole training processes
 DIST_TESTS = {

@@ -8,7 +8,9 @@ Keys of the tensors DCP writes (every tensor has a world-size independent global
                                    ``(numel,)``: a DTensor ``Shard(0)`` piece per rank when the
                                    state is sharded (ZeRO-1/2; rank r's piece is
                                    ``[r*c, min((r+1)*c, numel))``, ``c = ceil(numel/world)``), the
-                                   whole tensor when replicated (ZeRO-0); 0-d step counters as is
+                                   whole tensor when replicated (ZeRO-0); 0-d step counters as is;
+                                   ``optim/<param>/master``: the fp32 master copy of a bf16/fp16
+                                   parameter (``model/<param>`` holds its working dtype)
 ``optim/rule/<block>/<entry>``     rule state outside the per-piece buffers (Shampoo: blocks by
                                    world-size independent name, each written by its owner)
 ``shared/...``                     tensors inside replicated JSON state (extensions' state_dict)
@@ -18,7 +20,7 @@ Keys of the tensors DCP writes (every tensor has a world-size independent global
 =================================  ========================================================
 
 Everything else (step and sample counters, skipped steps, schedule, noise scale, tracking run id,
-param-group hyper-parameters, extension scalars) is JSON in the manifest, see :mod:`.codec`.
+param-group hyper-parameters, the fp16 loss scale, extension scalars) is JSON in the manifest, see :mod:`.codec`.
 Because DCP matches saved chunks to requested ones by global offset, any world size and any
 ZeRO stage can load any other's checkpoint.
 
@@ -163,6 +165,7 @@ def capture(trainer: TrainerView, me: Any, mesh: DeviceMesh) -> Snapshot:
             "applied_steps": opt.applied_steps,
             "skipped_steps": opt.skipped_steps,
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+            **_loss_scale(opt),
         },
         "schedule": trainer.schedule.state_dict(),
         "noise": trainer.noise.state_dict() if trainer.noise is not None else None,
@@ -174,6 +177,12 @@ def capture(trainer: TrainerView, me: Any, mesh: DeviceMesh) -> Snapshot:
     per_rank = {"rng": rng_state(trainer.device), "buffers": buffers, "ext": rank_ext}
     snap.per_rank = codec.encode(per_rank, f"rank{rank}", put_rank)
     return snap
+
+
+def _loss_scale(opt: Any) -> dict[str, Any]:
+    """The fp16 loss scale's state (``precision.loss_scale``), where the optimizer keeps one."""
+    scaler = getattr(opt, "loss_scaler", None)
+    return {"loss_scale": scaler.state_dict()} if scaler is not None else {}
 
 
 def merge(a: Any, b: Any) -> Any:
@@ -345,6 +354,7 @@ def apply(trainer: TrainerView, me: Any, plan: LoadPlan) -> list[str]:
                 "skipped_steps": so["skipped_steps"],
                 "param_groups": so["param_groups"],
                 "rule_state": rule_state,
+                "loss_scale": so.get("loss_scale"),
             }
         )
         trainer.schedule.load_state_dict(shared["schedule"])

@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from dist_opt.config.precision import PrecisionConfig
 from dist_opt.optim.spec import (
     DEFAULT_EXCLUDE,
     declared_keys,
@@ -418,6 +419,8 @@ class Config(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
+    """Mixed precision: compute, parameter and gradient-reduction dtypes, fp16 loss scaling."""
     resume: str = "none"
     """none, latest, or a path to a checkpoint step folder."""
 

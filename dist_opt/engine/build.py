@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from dist_opt.config.schema import Config, OptimizerConfig
+from dist_opt.engine.precision import DTYPES, loss_scaler
 from dist_opt.engine.sharded import ShardedOptimizer
 from dist_opt.optim.base import Rule
 from dist_opt.optim.registry import build_rule, rule_spec
@@ -38,6 +39,8 @@ def build_optimizer(
         exclude_from_trust_ratio=o.exclude_from_trust_ratio,
         lr_multipliers=o.lr_multipliers,
         track_local_grad_norm=track_local_grad_norm,
+        reduce_dtype=DTYPES[cfg.precision.reduce],
+        loss_scale=loss_scaler(cfg.precision),
         **rule_hyper(o),
     )
 

@@ -10,6 +10,10 @@ stage 0/1: ``p.grad`` are views into one flat, padded, param-major buffer; autog
 stage 2:   on every micro-step each param's fresh gradient is packed rank-major into its bucket's
            staging buffer and released (``p.grad = None``); a full bucket is reduce-scattered into
            a temporary shard which is added to the rank's grad shard. No full gradient is kept.
+
+The gradient buffers have one dtype (the reduction dtype). A parameter of another dtype (bf16
+parameters with fp32 reduction) cannot have a view of them as ``.grad``: its hook adds the fresh
+gradient into the buffer (upcasting it) and releases ``p.grad``, at every stage.
 """
 
 from __future__ import annotations
@@ -105,9 +109,10 @@ class GradSync:
         else:
             view = self._full[slot.full_offset : slot.full_offset + slot.numel].view(slot.shape)
             if grad.data_ptr() != view.data_ptr():
-                # the user replaced .grad (e.g. zero_grad(set_to_none=True)): fold it back in
+                # the user replaced .grad (e.g. zero_grad(set_to_none=True)), or the parameter's dtype
+                # is not the buffer's: fold it in (upcasting), and keep .grad a view when it can be
                 view.add_(grad) if self.micro_steps > 1 else view.copy_(grad)
-                p.grad = view
+                p.grad = view if grad.dtype == view.dtype else None
             if not self.sync_enabled:
                 return
         self._pending_count[b_i] += 1
@@ -120,7 +125,7 @@ class GradSync:
         st = self._staging.get(b_i)
         if st is None:
             st = self._staging[b_i] = torch.zeros(
-                self.world, b.shard_numel, dtype=flat.dtype, device=flat.device
+                self.world, b.shard_numel, dtype=self._shard.dtype, device=flat.device
             )
         pack_rank_major(st, self.world, slot.shard_offset - b.shard_start, slot, flat)
 
@@ -170,8 +175,9 @@ class GradSync:
                 self._ready[b_i] = True
         self._launch_ready()
 
-    def finish(self) -> int:
-        """Wait for all communication; leave the averaged gradient in place. Returns micro-steps."""
+    def finish(self, loss_scale: float = 1.0) -> int:
+        """Wait for all communication; leave the averaged gradient (divided by ``loss_scale`` too) in
+        place. Returns micro-steps."""
         for work, b_i, out in self._works:
             if work is not None:
                 work.wait()
@@ -180,7 +186,7 @@ class GradSync:
                 self._shard[b.shard_start : b.shard_end].add_(out)
         self._works.clear()
         steps = max(self.micro_steps, 1)
-        divisor = float(self.comm.world * steps)
+        divisor = float(self.comm.world * steps) * loss_scale
         if self.stage == 2:
             self._shard.div_(divisor)
         else:

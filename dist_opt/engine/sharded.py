@@ -11,6 +11,16 @@ state API are those of every engine optimizer (:class:`~dist_opt.engine.core.Pie
 zero_stage 0: all-reduce, every rank holds all state and updates everything (DDP-like).
 zero_stage 1: all-reduce, each rank updates and keeps state for its 1/N of every tensor, all-gather.
 zero_stage 2: reduce-scatter into grad shards, shard update, all-gather (one all-reduce's volume).
+
+Mixed precision: parameters may be bf16/fp16, and of several dtypes. There is ONE layout (slots,
+buckets, shard offsets) for all parameters; the parameters live in one flat full buffer *per working
+dtype* (each dtype's slots packed in layout order), and gradients in one flat buffer of the
+reduction dtype (``reduce_dtype``; hooks upcast/accumulate into it when it differs from a
+parameter's dtype). With ``master_dtype`` (fp32 by default) the rule runs on fp32 master copies of
+this rank's low-precision pieces (see ``masters``); the all-gather moves each working dtype
+separately. ``loss_scale`` (a :class:`~dist_opt.engine.loss_scale.LossScaler`) divides the gradients
+by the loss scale inside the averaging and updates the scale from the agreed overflow check.
+An all-fp32 model takes exactly the code path it always did.
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ from torch import Tensor, nn
 from dist_opt.dist.collectives import Comm
 from dist_opt.engine.core import DEFAULT_EXCLUDE, GroupOptions, PieceOptimizer
 from dist_opt.engine.grad_sync import GradSync
+from dist_opt.engine.loss_scale import LossScaler, refuse_grad_scaler
+from dist_opt.engine.masters import Masters, as_dtypes
 from dist_opt.engine.partition import Layout, make_layout
 from dist_opt.engine.state_codec import ShardSpec, all_gather_pieces, layout_specs
 from dist_opt.optim.base import Rule
@@ -36,6 +48,7 @@ __all__ = ["DEFAULT_EXCLUDE", "ShardedOptimizer"]
 
 
 class ShardedOptimizer(PieceOptimizer):
+    _step_supports_amp_scaling = True  # so that torch.amp.GradScaler reaches step() and is refused
     gathers_params = True  # time/param_all_gather_ms is reported at every world size
     norm_time_key = None
 
@@ -56,6 +69,9 @@ class ShardedOptimizer(PieceOptimizer):
         exclude_1d_from_weight_decay: bool = True,
         track_local_grad_norm: bool = False,
         broadcast_params: bool = True,
+        master_dtype: torch.dtype | None = torch.float32,
+        reduce_dtype: torch.dtype | None = None,
+        loss_scale: LossScaler | None = None,
         **hyper: Any,
     ):
         if zero_stage not in (0, 1, 2):
@@ -76,20 +92,32 @@ class ShardedOptimizer(PieceOptimizer):
         self.partial = self.layout.world > 1
         by_name = dict(named)
         slot_params = [by_name[s.name] for s in self.layout.slots]
-        dtype = named[0][1].dtype
         device = named[0][1].device
-        if any(p.dtype != dtype or p.device != device for _, p in named):
-            raise ValueError("ShardedOptimizer needs all parameters on one device with one dtype")
+        if any(p.device != device for _, p in named):
+            raise ValueError("ShardedOptimizer needs all parameters on one device")
+        dtypes = list(dict.fromkeys(p.dtype for p in slot_params))  # in layout order
+        if reduce_dtype is None:
+            reduce_dtype = master_dtype or (dtypes[0] if len(dtypes) == 1 else torch.float32)
+        dtype = reduce_dtype
 
-        # flat buffers; parameters become views into the full one
-        self.full_param = torch.zeros(self.layout.full_numel, dtype=dtype, device=device)
+        # flat parameter buffers, one per working dtype (each holds its slots, padded, in layout
+        # order; one dtype: offsets are the layout's); parameters become views into them
+        self._at: list[int] = []  # each slot's start in its dtype's full buffer
+        sizes = dict.fromkeys(dtypes, 0)
+        for s, p in zip(self.layout.slots, slot_params, strict=True):
+            self._at.append(sizes[p.dtype])
+            sizes[p.dtype] += s.chunk * self.layout.world
+        self.full_params = {dt: torch.zeros(n, dtype=dt, device=device) for dt, n in sizes.items()}
+        self.full_param = self.full_params[dtypes[0]]
+        self._slot_buf = [self.full_params[p.dtype] for p in slot_params]
         with torch.no_grad():
-            for s, p in zip(self.layout.slots, slot_params, strict=True):
-                view = self.full_param[s.full_offset : s.full_offset + s.numel]
+            for s, p, at, buf in zip(self.layout.slots, slot_params, self._at, self._slot_buf, strict=True):
+                view = buf[at : at + s.numel]
                 view.copy_(p.detach().reshape(-1))
                 p.data = view.view(s.shape)
         if broadcast_params:
-            comm.broadcast(self.full_param, src=0)
+            for buf in self.full_params.values():
+                comm.broadcast(buf, src=0)
         # gradients: the full flat buffer (stage 0/1) or only this rank's shard (stage 2), and this
         # rank's piece of every slot in it (views, padded to the chunk size)
         self.full_grad: Tensor | None = None
@@ -100,7 +128,8 @@ class ShardedOptimizer(PieceOptimizer):
         else:
             full_grad = self.full_grad = torch.zeros(self.layout.full_numel, dtype=dtype, device=device)
             for s, p in zip(self.layout.slots, slot_params, strict=True):
-                p.grad = full_grad[s.full_offset : s.full_offset + s.numel].view(s.shape)
+                if p.dtype == dtype:  # else the hooks accumulate into the buffer (and upcast)
+                    p.grad = full_grad[s.full_offset : s.full_offset + s.numel].view(s.shape)
             grad_pieces = [self._piece(full_grad, s.full_offset, s.chunk) for s in self.layout.slots]
         self.sync = GradSync(
             slot_params,
@@ -114,8 +143,14 @@ class ShardedOptimizer(PieceOptimizer):
 
         # this rank's pieces (views, padded to the chunk size) and the rule's state for them
         self._specs = layout_specs(self.layout, self.shard_rank)
-        self._param_pieces = [self._piece(self.full_param, s.full_offset, s.chunk) for s in self.layout.slots]
+        self._param_pieces = [
+            self._piece(buf, at, s.chunk)
+            for s, at, buf in zip(self.layout.slots, self._at, self._slot_buf, strict=True)
+        ]
+        self.masters = Masters(self._param_pieces, master_dtype) if master_dtype is not None else None
+        self._rule_pieces = self.masters.pieces if self.masters is not None else self._param_pieces
         self._grad_pieces = grad_pieces
+        self.loss_scaler = loss_scale
         groups = GroupOptions(
             weight_decay,
             tuple(exclude_from_weight_decay),
@@ -125,10 +160,14 @@ class ShardedOptimizer(PieceOptimizer):
         )
         super().__init__(named, rule, lr=lr, groups=groups, max_grad_norm=max_grad_norm, comm=comm)
         assert self.layer_names == [s.name for s in self.layout.slots]
-        self._send = (
-            torch.empty(self.layout.shard_numel, dtype=dtype, device=device) if shard_world > 1 else None
-        )
-        self._spans = [(b.slots[0], b.slots[-1] + 1) for b in self.layout.buckets]
+        # parameter all-gathers: one set per working dtype (one dtype: bucket by bucket, as the grads)
+        self._gathers: list[tuple[list[int], list[tuple[int, int]] | None, Tensor | None]] = []
+        for dt in dtypes:
+            idx = [i for i, p in enumerate(slot_params) if p.dtype == dt]
+            spans = [(b.slots[0], b.slots[-1] + 1) for b in self.layout.buckets] if len(dtypes) == 1 else None
+            n = sum(self.layout.slots[i].chunk for i in idx)
+            send = torch.empty(n, dtype=dt, device=device) if shard_world > 1 else None
+            self._gathers.append((idx, spans, send))
 
     def _piece(self, buf: Tensor, full_offset: int, chunk: int) -> Tensor:
         """This rank's chunk of a slot in a full buffer (the whole tensor when not sharded)."""
@@ -143,7 +182,37 @@ class ShardedOptimizer(PieceOptimizer):
         return list(self._specs)
 
     def param_pieces(self) -> list[Tensor]:
+        """The pieces the rule updates: fp32 masters where kept, else the working pieces."""
+        return self._rule_pieces
+
+    def working_pieces(self) -> list[Tensor]:
+        """This rank's pieces of the working (possibly low-precision) parameters."""
         return self._param_pieces
+
+    @property
+    def loss_scale(self) -> float:
+        """The factor the loss must be multiplied by before backward (1.0 without loss scaling)."""
+        return self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+
+    def master_bytes(self) -> int:
+        """Bytes of the separate master copies this rank holds (0 for an all-fp32 model)."""
+        return self.masters.nbytes() if self.masters is not None else 0
+
+    def _state_lists(self) -> dict[str, list[Tensor | None]]:
+        lists = super()._state_lists()
+        if self.masters is not None and self.masters.active:
+            lists["master"] = self.masters.state()
+        return lists
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if self.masters is not None and self.masters.active:
+            self._publish()  # working parameters := the loaded masters, everywhere
+
+    def _publish(self) -> None:
+        if self.masters is not None:
+            self.masters.write_back()
+        self.after_update_gather()
 
     def grad_pieces(self) -> list[Tensor]:
         return self._grad_pieces
@@ -165,19 +234,24 @@ class ShardedOptimizer(PieceOptimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> bool:  # type: ignore[override]
         """Synchronise, check, clip, update this rank's shard and all-gather. Returns False if skipped."""
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            refuse_grad_scaler()  # torch.amp.GradScaler.step(opt) sets these attributes
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         t0 = time.perf_counter()
-        micro_steps = self.sync.finish()
+        scale = self.loss_scale
+        micro_steps = self.sync.finish(scale)
         t1 = time.perf_counter()
         stats: dict[str, Any] = {"time/grad_comm_wait_ms": 1e3 * (t1 - t0)}
+        if self.loss_scaler is not None:
+            stats["loss_scale"] = scale
         track = self.sync.track_local_norm
-        grad_sq, local = self._reduce_norms(
-            self._grad_pieces, stats, self.sync.local_sumsq if track else None
-        )
+        grads = as_dtypes(self._grad_pieces, self._rule_pieces)
+        grad_sq, local = self._reduce_norms(grads, stats, self.sync.local_sumsq if track else None)
         if local is not None and self.comm.world > 1:
+            local = local / scale**2
             mean_local = local / self.comm.world
             if self.zero_stage == 2:  # per micro-step gradients, each of micro_batch samples
                 stats["local_grad_sq"] = mean_local / micro_steps
@@ -186,18 +260,28 @@ class ShardedOptimizer(PieceOptimizer):
                 stats["local_grad_sq"] = mean_local / micro_steps**2
                 stats["local_micro_steps"] = micro_steps
             stats["global_grad_sq"] = grad_sq
-        applied = self._update(self._param_pieces, self._grad_pieces, grad_sq, stats, t1)
+        applied = self._update(self._rule_pieces, grads, grad_sq, stats, t1)
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(applied)
         if not applied:
             self.sync.reset()
         return applied if loss is None else loss
 
     def after_update(self) -> None:
-        """All-gather the updated shards into every rank's full parameter buffer (bucketed, async)."""
+        """Round the masters into the working pieces, then all-gather them (see :meth:`after_update_gather`)."""
+        self._publish()
+
+    def after_update_gather(self) -> None:
+        """All-gather the updated shards into every rank's full parameter buffers (bucketed, async; one
+        set of all-gathers per working dtype)."""
         if self.layout.world > 1:
-            dsts = [
-                self.full_param[s.full_offset : s.full_offset + s.chunk * self.layout.world]
-                for s in self.layout.slots
-            ]
-            all_gather_pieces(
-                self.comm, self._specs, self._param_pieces, dsts, spans=self._spans, send=self._send
-            )
+            w = self.layout.world
+            for idx, spans, send in self._gathers:
+                slots = [self.layout.slots[i] for i in idx]
+                dsts = [
+                    self._slot_buf[i][self._at[i] : self._at[i] + s.chunk * w]
+                    for i, s in zip(idx, slots, strict=True)
+                ]
+                specs = [self._specs[i] for i in idx]
+                pieces = [self._param_pieces[i] for i in idx]
+                all_gather_pieces(self.comm, specs, pieces, dsts, spans=spans, send=send)

@@ -15,7 +15,9 @@ its buffers or layout:
   :meth:`~ShardStateAPI.owned_params` (views) and :meth:`~ShardStateAPI.gather_params`.
 
 A state dict is ``{"state": {name: {key: tensor}}, "offsets": {name: global offset of the tensors},
-"numel": {name: numel}, "applied_steps", "skipped_steps", "rule_state", "param_groups"}``.
+"numel": {name: numel}, "applied_steps", "skipped_steps", "rule_state", "param_groups"}`` (plus
+``"loss_scale"`` with fp16 loss scaling); with low-precision parameters, ``state`` also holds each
+such parameter's fp32 ``master`` copy, split and resharded like the rest of the state.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from dist_opt.engine.state_codec import (
 
 if TYPE_CHECKING:
     from dist_opt.dist.collectives import Comm
+    from dist_opt.engine.loss_scale import LossScaler
     from dist_opt.optim.base import Rule
 
 
@@ -71,6 +74,7 @@ class ShardStateAPI:
     applied_steps: int
     skipped_steps: int
     _owned: list[ShardSpec] | None = None
+    loss_scaler: LossScaler | None = None  # fp16 loss scale (its state goes with the counters)
 
     @property
     def comm(self) -> Comm:
@@ -82,13 +86,23 @@ class ShardStateAPI:
         raise NotImplementedError
 
     # -- optimizer state ---------------------------------------------------------------------
+    def _state_lists(self) -> dict[str, list[Tensor | None]]:
+        """Per state key, one tensor per layer, or None where that layer does not keep the key: the
+        rule's ``shard_state`` plus what an engine keeps besides (fp32 ``master`` copies)."""
+        return {k: list(v) for k, v in self.shard_state.items()}
+
     def sharded_state(self) -> dict[str, dict[str, Tensor]]:
         """``{param_name: {state_key: this rank's valid piece}}`` (views; 0-d counters as they are)."""
         specs = self.shard_specs()
-        return {
-            s.name: {k: valid_piece(v[i], s) for k, v in self.shard_state.items()}
-            for i, s in enumerate(specs)
-        }
+        lists = self._state_lists()
+        out: dict[str, dict[str, Tensor]] = {}
+        for i, s in enumerate(specs):
+            out[s.name] = {}
+            for k, v in lists.items():
+                t = v[i]
+                if t is not None:
+                    out[s.name][k] = valid_piece(t, s)
+        return out
 
     @torch.no_grad()
     def load_sharded_state(
@@ -105,10 +119,13 @@ class ShardStateAPI:
         for i, s in enumerate(specs):
             entry = state[s.name]
             src_offset = s.offset if offsets is None else int(offsets.get(s.name, 0))
-            for k, bufs in self.shard_state.items():
+            for k, bufs in self._state_lists().items():
+                buf = bufs[i]
+                if buf is None:
+                    continue
                 if k not in entry:
                     raise KeyError(f"optimizer state of {s.name} lacks {k!r}")
-                load_piece(bufs[i], entry[k], s, src_offset, f"optimizer state {s.name}.{k}")
+                load_piece(buf, entry[k], s, src_offset, f"optimizer state {s.name}.{k}")
 
     def shard_state_dict(self) -> dict[str, Any]:
         """This rank's state: :meth:`sharded_state`, its ``offsets`` and ``numel`` per name, counters."""
@@ -125,17 +142,22 @@ class ShardStateAPI:
         sd = self.shard_state_dict()
         specs = self.shard_specs()
         full: dict[str, dict[str, Tensor]] = {s.name: {} for s in specs}
-        for k, bufs in self.shard_state.items():
-            flat = [i for i, b in enumerate(bufs) if b.dim() > 0]
+        for k, bufs in self._state_lists().items():
+            flat = [i for i, b in enumerate(bufs) if b is not None and b.dim() > 0]
+            pieces = [bufs[i] for i in flat]
             gathered = dict(
                 zip(
                     flat,
-                    gather_full(self.comm, [specs[i] for i in flat], [bufs[i] for i in flat]),
+                    gather_full(self.comm, [specs[i] for i in flat], [b for b in pieces if b is not None]),
                     strict=True,
                 )
             )
             for i, s in enumerate(specs):
-                full[s.name][k] = gathered[i] if i in gathered else bufs[i].clone()
+                b = bufs[i]
+                if i in gathered:
+                    full[s.name][k] = gathered[i]
+                elif b is not None:
+                    full[s.name][k] = b.clone()
         sd["state"] = full
         sd["offsets"] = {s.name: 0 for s in specs}
         if self.rule.replicated_pieces and self.comm.world > 1:
@@ -163,12 +185,15 @@ class ShardStateAPI:
             "skipped_steps": self.skipped_steps,
             "rule_state": self.rule.rule_state_dict(),
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+            **({"loss_scale": self.loss_scaler.state_dict()} if self.loss_scaler is not None else {}),
         }
 
     def _load_counters(self, sd: Mapping[str, Any]) -> None:
         self.rule.load_rule_state_dict(sd.get("rule_state", {}))
         self.applied_steps = int(sd.get("applied_steps", 0))
         self.skipped_steps = int(sd.get("skipped_steps", 0))
+        if self.loss_scaler is not None and sd.get("loss_scale") is not None:
+            self.loss_scaler.load_state_dict(sd["loss_scale"])
         for g, saved in zip(self.param_groups, sd.get("param_groups", []), strict=False):
             restore_group_hyper(g, saved)
 

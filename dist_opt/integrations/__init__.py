@@ -16,6 +16,11 @@ Which optimizer runs where, and why (details in ``deepspeed`` and ``fsdp2``):
   shards of several ranks. DCP checkpoints of the DTensor state (the checkpoint extension does not
   handle this layout yet).
 * SWA needs the native engine.
+* precision: every engine runs ``precision.compute: bf16`` (the trainer's autocast; parameters,
+  gradients and state stay fp32). bf16 parameters with fp32 masters, bf16 gradient reduction and
+  fp16 loss scaling are the native engine's; with deepspeed / fsdp2 they are refused (DeepSpeed's
+  ``bf16``/``fp16`` modes and FSDP2's ``MixedPrecisionPolicy`` would replace dist-opt's client
+  optimizer's parameter handling and are not mapped).
 
 This module holds the config checks that need no engine import (run before any process starts)
 and the helpers the training loop uses whatever the engine.
@@ -46,7 +51,7 @@ def _features(cfg: Config) -> list[str]:
     where = f"distributed.engine={engine}" + (
         f" at distributed.zero_stage={stage}" if engine == "deepspeed" else ""
     )
-    problems = []
+    problems = _precision(cfg, where)
     if cfg.swa.enabled:
         problems.append(
             f"swa.enabled: SWA averages the native engine's parameter shards; not available with {where}"
@@ -68,6 +73,26 @@ def _features(cfg: Config) -> list[str]:
             "does not have; set checkpoint.at_end=false, checkpoint.every_steps=0, "
             "checkpoint.every_epochs=0 and resume=none"
             + (" (DeepSpeed's own checkpoints: opt.save_checkpoint)" if engine == "deepspeed" else "")
+        )
+    return problems
+
+
+def _precision(cfg: Config, where: str) -> list[str]:
+    """``precision`` settings only the native engine implements."""
+    p, problems = cfg.precision, []
+    if p.params != "fp32":
+        problems.append(
+            f"precision.params: {p.params} parameters with fp32 master copies need distributed.engine=native; "
+            f"with {where} keep precision.params=fp32 (precision.compute=bf16 autocast works everywhere)"
+        )
+    if p.reduce != "fp32":
+        problems.append(
+            f"precision.reduce: {p.reduce} gradient reduction needs distributed.engine=native, not {where}"
+        )
+    if p.compute == "fp16":
+        problems.append(
+            f"precision.compute: fp16 needs loss scaling, which only distributed.engine=native implements "
+            f"(not {where}); use precision.compute=bf16"
         )
     return problems
 
