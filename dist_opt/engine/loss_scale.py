@@ -62,12 +62,7 @@ class LossScaler:
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state (a checkpoint stores it with the optimizer's counters)."""
-        return {
-            "scale": self.scale,
-            "clean_steps": self.clean_steps,
-            "overflows": self.overflows,
-            "dynamic": self.dynamic,
-        }
+        return {k: getattr(self, k) for k in ("scale", "clean_steps", "overflows", "dynamic")}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.scale = float(state["scale"])

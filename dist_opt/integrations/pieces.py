@@ -41,8 +41,8 @@ class LocalRuleOptimizer(torch.optim.Optimizer):
         named_params: Iterable[tuple[str, nn.Parameter]],
         rule: Rule,
         *,
-        lr: float,
         groups: GroupOptions | None = None,
+        lr: float,
     ):
         if rule.uses_trust_ratio or rule.replicated_pieces:
             raise ValueError(
