@@ -64,6 +64,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from dist_opt.config import Config, ConfigError
+from dist_opt.engine.precision import autocast
 from dist_opt.engine.state_codec import ShardSpec, gather_full, load_piece
 from dist_opt.extensions import Extension
 
@@ -74,6 +75,7 @@ if TYPE_CHECKING:
     from dist_opt.tasks.base import Task
 
 STATE_VERSION = 1
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 EXPORT_NAME = "swa_model.pt"
 
 
@@ -196,7 +198,9 @@ class SWAExtension(Extension):
         self._trainer = trainer
         self.specs = opt.owned_specs()
         live = opt.owned_params()
-        self.avg = torch.zeros(sum(s.valid for s in self.specs), dtype=live[0].dtype, device=live[0].device)
+        # the average is fp32 whatever the working dtype (bf16 weights would round every update away)
+        dtype = torch.float32 if any(p.dtype in LOW_PRECISION for p in live) else live[0].dtype
+        self.avg = torch.zeros(sum(s.valid for s in self.specs), dtype=dtype, device=live[0].device)
         self._pieces = list(self.avg.split([s.valid for s in self.specs]))
         if s.lr is not None:
             trainer.schedule.set_override(self._lr_override)
@@ -238,7 +242,7 @@ class SWAExtension(Extension):
         pairs = [
             (a, c) for s, a, c in zip(self.specs, self._pieces, opt.owned_params(), strict=True) if s.valid
         ]
-        return [a for a, _ in pairs], [c for _, c in pairs]
+        return [a for a, _ in pairs], [c if c.dtype == a.dtype else c.to(a.dtype) for a, c in pairs]
 
     @torch.no_grad()
     def update(self, opt: PieceOptimizer) -> None:
@@ -257,7 +261,10 @@ class SWAExtension(Extension):
     def gather_into(self, opt: PieceOptimizer) -> None:
         """All-gather the average into the optimizer's parameters (i.e. into the model)."""
         assert self.avg is not None, "SWAExtension.setup was not called"
-        opt.gather_params(self._pieces)
+        live = opt.owned_params()
+        opt.gather_params(
+            [a if a.dtype == c.dtype else a.to(c.dtype) for a, c in zip(self._pieces, live, strict=True)]
+        )
 
     @contextlib.contextmanager
     def swapped_in(self, trainer: TrainerView) -> Iterator[None]:
@@ -270,7 +277,8 @@ class SWAExtension(Extension):
             self.gather_into(opt)
             if self.cfg.swa.update_bn:
                 dev = trainer.device
-                with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+                rng = torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else [])
+                with rng, autocast(self.cfg.precision, dev):  # the forward as in training
                     refresh_bn(model, trainer.task, self.cfg.data.micro_batch, opt.comm)
             yield
         finally:

@@ -475,3 +475,30 @@ def test_shampoo_statistics_are_fp32_with_bf16_parameters():
     stats = [t for t in tensors(opt.rule.rule_state_dict()) if t.is_floating_point()]
     assert stats and {t.dtype for t in stats} == {torch.float32}
     assert all(p.dtype == BF16 for p in model.parameters())
+
+
+def _swa_bf16(rank: int, world: int, out: str) -> dict:
+    from dist_opt.trainer import Trainer
+
+    cfg = load_config(
+        None,
+        [
+            "task.name=digits", "task.batchnorm=true", "task.hidden=16", "train.steps=null", "train.epochs=3",
+            "data.global_batch=48", "data.micro_batch=24", "swa.enabled=true", "swa.start_epoch=1",
+            "precision.params=bf16", "precision.compute=bf16", "optimizer.name=momentum", "optimizer.lr=0.1",
+            "train.eval_every=0", "train.progress=false", "tracking.wandb.mode=disabled",
+            "checkpoint.at_end=false", f"run.out_dir={out}",
+        ],
+    )  # fmt: skip
+    trainer = Trainer(cfg, torch.device("cpu"))
+    trainer.fit()
+    swa = next(e for e in trainer.extensions if type(e).__name__ == "SWAExtension")
+    return {"avg_dtype": swa.avg.dtype, "n": swa.n}
+
+
+def test_swa_average_of_a_bf16_model_is_fp32_and_its_bn_refresh_runs_under_autocast(tmp_path):
+    res = in_process(_swa_bf16, str(tmp_path / "run"))
+    assert res["avg_dtype"] == torch.float32 and res["n"] == 2
+    exported = torch.load(tmp_path / "run" / "swa_model.pt", weights_only=True)
+    assert exported["fc1.weight"].dtype == torch.bfloat16  # exported in the model's own dtypes
+    assert exported["bn1.running_mean"].dtype == torch.float32
