@@ -30,6 +30,7 @@ DIST_MODULES = {
     "test_engines",  # DeepSpeed / FSDP2 on gloo ranks, the real deepspeed launcher
     "test_faults",  # signals to real launches
     "test_launch_run",  # torchrun, deepspeed, mpiexec and local launches
+    "test_reliability",  # launches that are refused, signalled after they ended, resumed
 }
 # single tests in otherwise quick modules that start ranks or whole training processes
 DIST_TESTS = {

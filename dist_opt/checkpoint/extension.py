@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from dist_opt.checkpoint import store
-from dist_opt.checkpoint.errors import CheckpointError, agree, first_line
+from dist_opt.checkpoint.errors import CheckpointError, agree, data_problem, load_failures
 from dist_opt.checkpoint.resume import resolve_agreed
 from dist_opt.config import Config, ConfigError
 from dist_opt.extensions import Extension
@@ -360,8 +360,8 @@ class CheckpointExtension(Extension):
             )
         except CheckpointError:
             raise
-        except Exception as e:  # DCP wraps every rank's failure
-            raise CheckpointError([f"cannot read the checkpoint data: {first_line(e)}"], folder) from None
+        except load_failures() as e:  # DCP wraps every rank's failure in a BaseException
+            raise CheckpointError([data_problem(e)], folder) from None
         t2 = time.perf_counter()
         notes: list[str] = []
         try:

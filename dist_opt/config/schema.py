@@ -419,7 +419,8 @@ class Config(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     resume: str = "none"
-    """none, latest, or a path to a checkpoint step folder."""
+    """none, latest, latest_or_new, auto, or a path to a checkpoint (step, checkpoints or run) folder;
+    see dist_opt/checkpoint/resume.py."""
 
     def check_world(self, world_size: int) -> list[str]:
         """Problems that depend on the world size (global batch divisibility)."""
