@@ -252,3 +252,81 @@ def test_a_signal_after_every_rank_finished_keeps_exit_code_0(tmp_path, target):
     assert proc.returncode == 0, err[-3000:]
     assert "dist-opt: rank(s) failed" not in err and "dist-opt: SIGTERM" not in err, err
     assert store.check(store.step_dir(store.checkpoints_dir(tmp_path / "run"), 4)).ok
+
+
+# -- config changes on resume (dist_opt/checkpoint/resume_policy.py) ----------------------------------
+COSINE = ["schedule.name=cosine", "schedule.min_lr=0.001", "checkpoint.every_steps=2"]
+
+
+def _lrs(run: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["lr"] for r in rows if "lr" in r}
+
+
+@pytest.mark.timeout(240)
+def test_changed_lr_on_resume_is_applied_and_said(tmp_path, capfd, cfg_file):
+    base = tmp_path / "base"
+    assert _main(capfd, [*COSINE, f"run.out_dir={base}"], cfg_file)[0] == 0
+    ck = store.step_dir(store.checkpoints_dir(base), 2)
+    fresh = tmp_path / "fresh"  # what lr=0.02 gives at steps 3 and 4
+    assert _main(capfd, [*COSINE, "optimizer.lr=0.02", f"run.out_dir={fresh}"], cfg_file)[0] == 0
+    same = tmp_path / "same"
+    assert _main(capfd, [*COSINE, f"run.out_dir={same}", f"resume={ck}"], cfg_file)[0] == 0
+    new = tmp_path / "new"
+    code, err = _main(capfd, [*COSINE, "optimizer.lr=0.02", f"run.out_dir={new}", f"resume={ck}"], cfg_file)
+    assert code == 0, err
+    assert "resume: optimizer.lr 0.01 -> 0.02 (applied from step 2" in err, err
+    assert _lrs(same) == {s: v for s, v in _lrs(base).items() if s > 2}
+    assert _lrs(new) == {s: v for s, v in _lrs(fresh).items() if s > 2}
+    assert _lrs(new) != _lrs(same)
+    a = torch.load(same / "final_params.pt", weights_only=True)
+    b = torch.load(new / "final_params.pt", weights_only=True)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.timeout(240)
+def test_changed_weight_decay_on_resume_changes_the_parameters(tmp_path, capfd, cfg_file):
+    base = tmp_path / "base"
+    assert _main(capfd, [*COSINE, "optimizer.weight_decay=0.01", f"run.out_dir={base}"], cfg_file)[0] == 0
+    ck = store.step_dir(store.checkpoints_dir(base), 2)
+    ov = [*COSINE, "optimizer.weight_decay=0.5", f"run.out_dir={tmp_path / 'wd'}", f"resume={ck}"]
+    code, err = _main(capfd, ov, cfg_file)
+    assert code == 0 and "resume: optimizer.weight_decay 0.01 -> 0.5 (applied" in err, err
+    a = torch.load(base / "final_params.pt", weights_only=True)
+    b = torch.load(tmp_path / "wd" / "final_params.pt", weights_only=True)
+    assert not torch.equal(a["fc1.weight"], b["fc1.weight"])
+
+
+@pytest.mark.timeout(240)
+def test_changed_seed_or_schedule_on_resume_is_refused(tmp_path, capfd, cfg_file):
+    base = tmp_path / "base"
+    assert _main(capfd, [*COSINE, f"run.out_dir={base}"], cfg_file)[0] == 0
+    ck = store.step_dir(store.checkpoints_dir(base), 2)
+    out = tmp_path / "other"
+    code, err = _main(capfd, [*COSINE, "run.seed=7", f"run.out_dir={out}", f"resume={ck}"], cfg_file)
+    assert code == 2, err
+    assert "run.seed: checkpoint has 0, config has 7; cannot change on resume" in err
+    assert "keep run.seed=0" in err and "start a new run" in err
+    code, err = _main(
+        capfd, [*COSINE, "schedule.min_lr=0.002", f"run.out_dir={out}", f"resume={ck}"], cfg_file
+    )
+    assert code == 2 and "schedule.min_lr: checkpoint has 0.001, config has 0.002" in err, err
+    assert not out.exists()  # refused before anything is written
+
+
+@pytest.mark.timeout(240)
+def test_longer_train_steps_on_resume_stretch_the_schedule(tmp_path, capfd, cfg_file):
+    """A cosine run of 4 steps resumed with train.steps=8: from step 4 on the lr is that of an 8-step
+    run at the same steps (it never climbs back up past the old schedule's end)."""
+    base = tmp_path / "base"
+    assert _main(capfd, [*COSINE, f"run.out_dir={base}"], cfg_file)[0] == 0
+    long = tmp_path / "long"
+    assert _main(capfd, [*COSINE, "train.steps=8", f"run.out_dir={long}"], cfg_file)[0] == 0
+    ck = store.step_dir(store.checkpoints_dir(base), 4)
+    more = tmp_path / "more"
+    code, err = _main(capfd, [*COSINE, "train.steps=8", f"run.out_dir={more}", f"resume={ck}"], cfg_file)
+    assert code == 0 and "resume: train.steps 4 -> 8 (applied from step 4" in err, err
+    got = _lrs(more)
+    assert sorted(got) == [5, 6, 7, 8]
+    assert got == {s: v for s, v in _lrs(long).items() if s > 4}
+    assert all(got[s + 1] <= got[s] for s in range(5, 8))
