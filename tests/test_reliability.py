@@ -182,8 +182,9 @@ def test_all_checkpoints_corrupt_is_refused_unless_latest_or_new(tmp_path, capfd
     for mode in ("latest", "auto"):
         code, err = _main(capfd, [*save, f"resume={mode}"], cfg_file)
         assert code == 2, err
-        refusal = [ln for ln in err.splitlines() if "refusing" in ln]
+        refusal = [ln for ln in err.splitlines() if ln.strip()]
         assert len(refusal) == 1 and "step-4" in refusal[0] and "step-2" in refusal[0], err
+        assert "refusing to start over" in refusal[0]
         assert "corrupt" in refusal[0] and "latest_or_new" in refusal[0]
         assert (run / "metrics.jsonl").read_bytes() == metrics  # the evidence stays
         assert {f.name: (f / "__0_0.distcp").read_bytes() for f in folders} == data

@@ -61,12 +61,15 @@ def resolve_resume(cfg: Config, root: Path, report: Callable[[str], None] | None
 
 def _latest(root: Path, mode: str, report: Callable[[str], None] | None) -> Path | None:
     corrupt: list[str] = []
+    skipped: list[str] = []  # said unless the refusal below says it all in one line
+    say = report if report is not None else (lambda msg: None)
     for _, folder in reversed(store.list_step_dirs(root)):
         v = store.check(folder, deep=True)
         if v.ok:
+            for line in skipped:
+                say(line)
             return folder
-        if report is not None:
-            report(f"checkpoint {folder} skipped: {v.problem}")
+        skipped.append(f"checkpoint {folder} skipped: {v.problem}")
         if (folder / store.MARKER).exists():  # completed once, damaged since (not a killed save)
             corrupt.append(f"{folder.name} ({v.problem})")
     if corrupt and mode != "latest_or_new":
@@ -79,8 +82,10 @@ def _latest(root: Path, mode: str, report: Callable[[str], None] | None) -> Path
             ],
             root,
         )
-    if report is not None and (mode != "auto" or store.list_step_dirs(root)):
-        report(f"resume={mode}: no complete checkpoint in {root}; starting from step 0")
+    for line in skipped:
+        say(line)
+    if mode != "auto" or skipped:
+        say(f"resume={mode}: no complete checkpoint in {root}; starting from step 0")
     return None
 
 
