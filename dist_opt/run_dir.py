@@ -6,8 +6,11 @@ write into, or a path whose nearest existing ancestor is a writable directory (i
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+
+_CHOOSE = "(choose another run.out_dir)"
 
 
 def run_dir_problem(path: str | os.PathLike) -> str | None:
@@ -15,22 +18,29 @@ def run_dir_problem(path: str | os.PathLike) -> str | None:
     p = Path(path).expanduser()
     if p.exists() or p.is_symlink():
         if not p.is_dir():
-            return f"run.out_dir: {p} exists and is not a directory (choose another run.out_dir)"
+            return f"run.out_dir: {p} exists and is not a directory {_CHOOSE}"
         if not os.access(p, os.W_OK | os.X_OK):
-            return f"run.out_dir: {p} is not writable (choose another run.out_dir)"
+            return f"run.out_dir: cannot write {p}: {_why(p)} {_CHOOSE}"
         return None
     for parent in p.absolute().parents:
         if parent.exists() or parent.is_symlink():
             if not parent.is_dir():
-                return f"run.out_dir: cannot create {p}: {parent} is not a directory (choose another run.out_dir)"
+                return f"run.out_dir: cannot create {p}: {parent} is not a directory {_CHOOSE}"
             if not os.access(parent, os.W_OK | os.X_OK):
-                return (
-                    f"run.out_dir: cannot create {p}: {parent} is not writable (choose another run.out_dir)"
-                )
+                return f"run.out_dir: cannot create {p}: cannot write {parent}: {_why(parent)} {_CHOOSE}"
             return None
     return f"run.out_dir: cannot create {p}: no existing parent directory"  # pragma: no cover
 
 
+def _why(path: Path) -> str:
+    """The reason a directory is not writable, in the words of the matching OSError."""
+    try:
+        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    return os.strerror(errno.EROFS if read_only else errno.EACCES)
+
+
 def open_problem(path: str | os.PathLike, e: OSError) -> str:
     """The line for a run directory that passed :func:`run_dir_problem` but could not be written."""
-    return f"run.out_dir: cannot write to {path}: {e.strerror or e} (choose another run.out_dir)"
+    return f"run.out_dir: cannot write {path}: {e.strerror or e} {_CHOOSE}"

@@ -118,8 +118,8 @@ def test_run_dir_problem_names_each_kind(tmp_path):
     if os.geteuid() != 0:  # root may write anywhere
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o555)
-        assert "is not writable" in (run_dir_problem(ro) or "")
-        assert "is not writable" in (run_dir_problem(ro / "sub") or "")
+        assert f"cannot write {ro}: Permission denied" in (run_dir_problem(ro) or "")
+        assert f"cannot write {ro}: Permission denied" in (run_dir_problem(ro / "sub") or "")
     assert not (tmp_path / "new").exists()
 
 

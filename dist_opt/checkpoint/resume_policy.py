@@ -11,6 +11,9 @@ key is compared with this run's config and decided by the first matching entry o
 * ``free``: how the run is executed or recorded (world size, micro-batch, output, tracking): changed
   freely and silently (a different world size is a reshard, checked elsewhere).
 
+A new ``train.steps`` / ``train.epochs`` matters only to schedules shaped by the run's length
+(:data:`LENGTH_SCHEDULES`); with any other schedule the loop simply runs to the new end.
+
 Keys in no entry are the model, task and optimizer structure; what does not fit is refused by the
 checkpoint's structural validation (``dist_opt/checkpoint/state.py``) with one line per mismatch.
 
@@ -32,15 +35,15 @@ from typing import Any, Literal
 Verdict = Literal["applied", "refused", "free"]
 
 _NEW_RUN = "or start a new run (another run.out_dir, or resume=none)"
-_SCHEDULE = "from step N on, the lr is the one this config's schedule gives at step N (see resume_policy)"
+_SCHEDULE = "from step N on, the lr is what a run started with this config uses at that step"
 
 #: (key or section prefix, verdict, what it means): the first match decides
 POLICY: tuple[tuple[str, Verdict, str], ...] = (
     ("optimizer.lr", "applied", f"the schedule is rebuilt from the new base lr; {_SCHEDULE}"),
     ("optimizer.weight_decay", "applied", "the groups that used the old value use the new one"),
     ("optimizer.max_grad_norm", "applied", "clipping uses the new norm"),
-    ("train.steps", "applied", f"the schedule covers the new length; {_SCHEDULE}"),
-    ("train.epochs", "applied", f"the schedule covers the new length; {_SCHEDULE}"),
+    ("train.steps", "applied", f"the schedule is rebuilt for the new length; {_SCHEDULE}"),
+    ("train.epochs", "applied", f"the schedule is rebuilt for the new length; {_SCHEDULE}"),
     ("train.eval_every", "applied", ""),
     ("train.eval_max_samples", "applied", ""),
     ("train.log_every", "applied", ""),
@@ -69,6 +72,9 @@ POLICY: tuple[tuple[str, Verdict, str], ...] = (
     ("resume", "free", ""),
 )
 SCHEDULE_KEYS = frozenset({"optimizer.lr", "train.steps", "train.epochs"})
+LENGTH_KEYS = frozenset({"train.steps", "train.epochs"})
+#: schedules whose shape depends on the run's length (for the others a new length changes nothing)
+LENGTH_SCHEDULES = frozenset({"cosine", "polynomial"})
 
 
 def verdict(key: str) -> tuple[Verdict, str] | None:
@@ -109,6 +115,8 @@ def decide(saved: Mapping[str, Any], current: Mapping[str, Any], step: int) -> D
         if key not in old or key not in new or old[key] == new[key]:
             continue  # a key the checkpoint did not record is not compared
         found = verdict(key)
+        if key in LENGTH_KEYS and new.get("schedule.name") not in LENGTH_SCHEDULES:
+            continue  # the schedule does not depend on the run's length: the loop just runs longer
         if found is None or found[0] == "free":
             continue
         v, how = found
