@@ -99,7 +99,9 @@ def spawn_ranks(program: Sequence[str], nproc: int, signals: Sequence[str] = ())
     ``--module MODULE ARGS``) with torchrun's Python API; returns the exit code of the whole.
 
     Signals to this process (SIGTERM, SIGINT, ``train.preemption_signals``) are forwarded to the
-    ranks by torchrun; the ranks stop, save and exit 4, which is then this process's exit code.
+    ranks by torchrun; the ranks stop, save and exit 4, which is then this process's exit code. Once
+    every rank has recorded how it ended (:func:`dist_opt.faults.record_exit_status`), that outcome is
+    the exit code whatever arrives afterwards (a late signal, torchrun killing finished ranks).
     """
     import tempfile
 
