@@ -202,6 +202,7 @@ def test_resume_auto_starts_fresh_then_resumes(tmp_path, capfd, cfg_file):
     first = torch.load(run / "final_params.pt", weights_only=True)
     code, err = _main(capfd, ov, cfg_file)
     assert code == 0 and "resumed from" in err and "(step 4," in err, err
+    assert "the run is complete (step 4 of 4): nothing to train" in err
     again = torch.load(run / "final_params.pt", weights_only=True)
     assert all(torch.equal(first[k], again[k]) for k in first)  # nothing trained twice
 

@@ -385,7 +385,7 @@ class CheckpointExtension(Extension):
         self._last_step = trainer.step
         self.loaded_from = folder
         if self.rank == 0:
-            notes += decision.lines
+            notes += decision.lines + rp.end_notes(trainer.step, trainer.total_steps)
             _say(
                 f"resumed from {folder} (step {trainer.step}, saved on {manifest['world_size']} rank(s), "
                 f"now {self.world})"

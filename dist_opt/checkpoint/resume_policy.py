@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 Verdict = Literal["applied", "refused", "free"]
 
-_NEW_RUN = "or start a new run (another run.out_dir, or resume=none)"
+_NEW_RUN = "or start a new run in another run.out_dir"
 _SCHEDULE = "from step N on, the lr is what a run started with this config uses at that step"
 
 #: (key or section prefix, verdict, what it means): the first match decides
@@ -168,3 +168,12 @@ def apply_changes(d: Decision, trainer: Any, fresh_schedule: dict[str, Any]) -> 
         sched.step()
     for _ in range(int(loaded["epochs_done"])):
         sched.epoch_end()
+
+
+def end_notes(step: int, total_steps: int) -> list[str]:
+    """What rank 0 says when the resumed checkpoint is already at the run's end."""
+    if step < total_steps:
+        return []
+    return [
+        f"the run is complete (step {step} of {total_steps}): nothing to train; raise train.steps to go on"
+    ]
