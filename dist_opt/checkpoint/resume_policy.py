@@ -14,8 +14,9 @@ key is compared with this run's config and decided by the first matching entry o
 A new ``train.steps`` / ``train.epochs`` matters only to schedules shaped by the run's length
 (:data:`LENGTH_SCHEDULES`); with any other schedule the loop simply runs to the new end.
 
-Keys in no entry are the model, task and optimizer structure; what does not fit is refused by the
-checkpoint's structural validation (``dist_opt/checkpoint/state.py``) with one line per mismatch.
+Every key of the config falls under an entry. Independently of the table, the checkpoint's tensors
+are validated against this run's model and optimizer (``dist_opt/checkpoint/state.py``): what does
+not fit is refused with one line per mismatched key or shape.
 
 How applied schedule changes work (``optimizer.lr``, ``train.steps``, ``train.epochs``): the lr
 schedule is rebuilt from this run's config and advanced to the resumed step (and epoch), so from
@@ -61,7 +62,10 @@ POLICY: tuple[tuple[str, Verdict, str], ...] = (
     ),
     ("schedule.", "refused", f"the schedule's shape is part of the run: keep {{key}}={{old}}, {_NEW_RUN}"),
     ("optimizer.", "refused", f"the optimizer's state was built with it: keep {{key}}={{old}}, {_NEW_RUN}"),
-    ("swa.", "refused", f"the saved average depends on it: keep {{key}}={{old}}, {_NEW_RUN}"),
+    ("task.eval_size", "applied", ""),
+    ("task.", "refused", f"the task defines the model and the data: keep {{key}}={{old}}, {_NEW_RUN}"),
+    ("model.", "applied", ""),
+    ("swa.", "applied", "SWA follows the new setting from here on; an average already taken is kept"),
     ("train.", "free", ""),
     ("run.", "free", ""),
     ("data.", "free", ""),
@@ -78,7 +82,7 @@ LENGTH_SCHEDULES = frozenset({"cosine", "polynomial"})
 
 
 def verdict(key: str) -> tuple[Verdict, str] | None:
-    """The table's decision for dotted ``key`` (None: a structural key, validated elsewhere)."""
+    """The table's decision for dotted ``key`` (None: not in the table; treated as ``free``)."""
     for entry, v, how in POLICY:
         if key == entry or (entry.endswith(".") and key.startswith(entry)):
             return v, how
