@@ -332,3 +332,36 @@ def test_longer_train_steps_on_resume_stretch_the_schedule(tmp_path, capfd, cfg_
     assert sorted(got) == [5, 6, 7, 8]
     assert got == {s: v for s, v in _lrs(long).items() if s > 4}
     assert all(got[s + 1] <= got[s] for s in range(5, 8))
+
+
+def test_readme_documents_the_resume_policy_table():
+    from dist_opt.checkpoint.resume_policy import POLICY
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = [ln for ln in readme.splitlines() if ln.startswith("| `") or ln.startswith("| other `")]
+    for key, verdict, _ in POLICY:
+        name = f"{key}*" if key.endswith(".") else key
+        names = {f"`{name}`", f"`{name.rsplit('.', 1)[-1]}`"} if not key.endswith(".") else {f"`{name}`"}
+        assert any(any(n in row for n in names) and verdict in row for row in rows), (key, verdict)
+
+
+def test_policy_decides_each_kind_of_change():
+    from dist_opt.checkpoint.resume_policy import decide
+
+    saved = {"optimizer": {"lr": 0.003, "betas": [0.9, 0.99]}, "run": {"seed": 0, "out_dir": "a"}}
+    saved["schedule"] = {"name": "cosine"}
+    saved["train"] = {"steps": 10}
+    now = {"optimizer": {"lr": 0.01, "betas": [0.9, 0.95]}, "run": {"seed": 0, "out_dir": "b"}}
+    now["schedule"] = {"name": "cosine"}
+    now["train"] = {"steps": 20}
+    d = decide(saved, now, step=7)
+    assert d.applied == {"optimizer.lr": (0.003, 0.01), "train.steps": (10, 20)} and d.reschedule
+    assert d.lines[0].startswith("resume: optimizer.lr 0.003 -> 0.01 (applied from step 7: ")
+    assert d.refused == [
+        "optimizer.betas: checkpoint has [0.9, 0.99], config has [0.9, 0.95]; cannot change on resume (the "
+        "optimizer's state was built with it: keep optimizer.betas=[0.9, 0.99], or start a new run in "
+        "another run.out_dir)"
+    ]
+    now["schedule"] = {"name": "constant"}  # a new length does not change a constant schedule
+    saved["schedule"] = {"name": "constant"}
+    assert "train.steps" not in decide(saved, now, step=7).applied
