@@ -84,7 +84,9 @@ def backend_message(exc: BaseException) -> str:
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     text = re.sub(r"^\[[^\]]*\.(cc|cpp|h|hpp):\d+\][\s.]*", "", text)
     text = re.sub(r"\s*This is typically caused by.*$", "", text)
-    return text
+    from dist_opt.checkpoint.errors import scrub  # never pass on advice to load with weights_only=False
+
+    return scrub(text)
 
 
 def explain_collective_failure(exc: BaseException, rank: int) -> str | None:

@@ -16,7 +16,8 @@
 * **Test-only hooks**, read from the environment by tests/test_faults.py and never set in normal
   runs: ``DIST_OPT_TEST_HANG_AT_STEP=RANK:STEP`` makes that rank sleep forever after that step (a
   hung peer); ``DIST_OPT_TEST_STEP_SLEEP=SECONDS`` sleeps after every step (so that a test can
-  signal a run in its middle).
+  signal a run in its middle); ``DIST_OPT_TEST_SLEEP_AFTER_EXIT_STATUS=SECONDS`` makes every rank sleep
+  after it recorded its exit status (so that a test can signal a run that has just ended).
 
 ``spawn_ranks`` (dist_opt/train.py) asks the ranks for their exit codes through
 ``DIST_OPT_EXIT_STATUS_DIR`` (:func:`record_exit_status`, :func:`read_exit_statuses`): torchrun kills
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 ENV_HANG = "DIST_OPT_TEST_HANG_AT_STEP"
 ENV_STEP_SLEEP = "DIST_OPT_TEST_STEP_SLEEP"
 ENV_EXIT_STATUS_DIR = "DIST_OPT_EXIT_STATUS_DIR"
+ENV_SLEEP_AFTER_EXIT = "DIST_OPT_TEST_SLEEP_AFTER_EXIT_STATUS"
 DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1")
 UNCATCHABLE = frozenset({"SIGKILL", "SIGSTOP"})
 
@@ -221,6 +223,15 @@ def record_exit_status(rank: int, code: int) -> int:
             Path(folder, f"rank{rank}").write_text(str(code), encoding="utf-8")
         except OSError:
             pass
+    pause = float(os.environ.get(ENV_SLEEP_AFTER_EXIT, "0") or 0)
+    if pause > 0:  # test-only (module docstring)
+        print(
+            f"dist-opt: test hook: rank {rank} (pid {os.getpid()}) recorded exit status {code}; "
+            f"sleeping {pause:g}s",
+            file=sys.stderr,
+            flush=True,
+        )
+        time.sleep(pause)
     return code
 
 

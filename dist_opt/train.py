@@ -52,11 +52,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
-def validate_for_world(cfg: Config, world: int) -> None:
+def validate_for_world(cfg: Config, world: int, check_out_dir: bool = False) -> None:
+    """Raise ConfigError for problems that show before any rank starts; ``check_out_dir``: also an
+    unusable ``run.out_dir`` (the process that starts the ranks, or a world of one, checks it)."""
     from dist_opt.integrations import check_engine
+    from dist_opt.run_dir import run_dir_problem
     from dist_opt.tasks import check_task  # imports a task given by import path: fails before ranks start
 
     problems = cfg.check_world(world) + check_engine(cfg, world) + check_task(cfg.task)
+    if check_out_dir and (problem := run_dir_problem(cfg.run.out_dir)) is not None:
+        problems.append(problem)
     if problems:
         raise ConfigError(problems)
 
@@ -70,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         env = detect(os.environ)
         world = env.world_size if env.is_launched else cfg.distributed.nproc
-        validate_for_world(cfg, world)
+        validate_for_world(cfg, world, check_out_dir=not env.is_launched)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -93,7 +98,9 @@ def spawn_ranks(program: Sequence[str], nproc: int, signals: Sequence[str] = ())
     ``--module MODULE ARGS``) with torchrun's Python API; returns the exit code of the whole.
 
     Signals to this process (SIGTERM, SIGINT, ``train.preemption_signals``) are forwarded to the
-    ranks by torchrun; the ranks stop, save and exit 4, which is then this process's exit code.
+    ranks by torchrun; the ranks stop, save and exit 4, which is then this process's exit code. Once
+    every rank has recorded how it ended (:func:`dist_opt.faults.record_exit_status`), that outcome is
+    the exit code whatever arrives afterwards (a late signal, torchrun killing finished ranks).
     """
     import tempfile
 
@@ -124,14 +131,18 @@ def spawn_ranks(program: Sequence[str], nproc: int, signals: Sequence[str] = ())
         except ChildFailedError as e:
             # a rank killed by torchrun after it had finished (its code is recorded) counts with that code
             codes = {rank: f.exitcode for rank, f in e.failures.items()} | read_exit_statuses(status_dir)
-            if set(codes.values()) in ({EXIT_NONFINITE}, {EXIT_STOPPED}):
-                return next(iter(codes.values()))
+            settled = ranks_outcome(read_exit_statuses(status_dir), nproc)
+            if settled == EXIT_OK:  # every rank recorded success: a later kill changes nothing
+                return settled
+            if set(codes.values()) in ({EXIT_NONFINITE}, {EXIT_STOPPED}, {EXIT_BAD_INPUT}):
+                return next(iter(codes.values()))  # rank 0 has said why
             print(f"dist-opt: rank(s) failed with exit codes {dict(sorted(codes.items()))}", file=sys.stderr)
             return next(iter(codes.values()), EXIT_FAIL) if len(set(codes.values())) == 1 else EXIT_FAIL
         except SignalException as e:  # torchrun forwarded the signal and waited for the ranks
             codes = read_exit_statuses(status_dir)
-            if len(codes) == nproc and set(codes.values()) == {EXIT_STOPPED}:
-                return EXIT_STOPPED
+            settled = ranks_outcome(codes, nproc)
+            if settled is not None:  # the signal came after every rank had ended: their outcome stands
+                return settled
             print(
                 f"dist-opt: {e.sigval.name}: ranks ended with exit codes {codes or 'unknown'}",
                 file=sys.stderr,
@@ -140,6 +151,14 @@ def spawn_ranks(program: Sequence[str], nproc: int, signals: Sequence[str] = ())
         finally:
             os.environ.pop(ENV_EXIT_STATUS_DIR, None)
     return EXIT_OK
+
+
+def ranks_outcome(codes: dict[int, int], nproc: int) -> int | None:
+    """The launcher's exit code when every one of ``nproc`` ranks recorded the same exit code (0: done,
+    4: stopped and saved, ...), whatever happened to the processes afterwards; None otherwise."""
+    if len(codes) != nproc or len(set(codes.values())) != 1:
+        return None
+    return next(iter(codes.values()))
 
 
 def run(cfg: Config, env: Any) -> int:

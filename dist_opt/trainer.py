@@ -142,11 +142,22 @@ class Trainer:
 
     # -- run directory and tracking ------------------------------------------------------------
     def _open_run_dir(self) -> None:
+        from dist_opt.run_dir import open_problem, run_dir_problem
         from dist_opt.tracking import Tracker
 
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg), encoding="utf-8")
+        verdict: list[str | None] = [None]
+        if self.rank == 0:  # rank 0 owns the folder; every rank learns its verdict (no rank waits alone)
+            verdict[0] = run_dir_problem(self.run_dir)
+            try:
+                if verdict[0] is None:
+                    self.run_dir.mkdir(parents=True, exist_ok=True)
+                    (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg), encoding="utf-8")
+            except OSError as e:
+                verdict[0] = open_problem(self.run_dir, e)
+        if self.world > 1:
+            dist.broadcast_object_list(verdict, src=0)
+        if verdict[0] is not None:
+            raise ConfigError([verdict[0]])
         self.tracker = Tracker(
             self.cfg, self.run_dir, self.rank, run_id=self.run_id, resume_step=self.resumed_from_step
         )

@@ -31,6 +31,7 @@ DIST_MODULES = {
     "test_faults",  # signals to real launches
     "test_launch_run",  # torchrun, deepspeed, mpiexec and local launches
     "test_precision",  # bf16 / fp16 runs on gloo ranks, their checkpoints and reshards
+    "test_reliability",  # launches that are refused, signalled after they ended, resumed
 }
 # single tests in otherwise quick modules that start ranks or whole training processes
 DIST_TESTS = {

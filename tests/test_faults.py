@@ -538,11 +538,13 @@ def test_checkpoint_on_a_full_or_read_only_disk_fails_clearly_and_keeps_the_prev
         assert code != 0
         lines = [x for x in err.splitlines() if x.strip()]
         assert "Traceback" not in err and len(lines) <= 2, err
-        (line,) = [x for x in lines if x.startswith("dist-opt: rank 0: ")]
         if fault == "disk full":
+            (line,) = [x for x in lines if x.startswith("dist-opt: rank 0: ")]
             assert line.startswith("dist-opt: rank 0: checkpoint write failed (rank(s) 0: "), line
             assert re.search(r"; 0\.\d MiB free on the file system of \S+ \(disk full\?\)$", line), line
-        else:
+        else:  # an unwritable run directory is refused before the run starts: one line, exit 2
+            (line,) = lines
+            assert code == 2 and line.startswith("config error: run.out_dir: cannot write "), line
             assert re.search(r"cannot write .*(Read-only file system|Permission denied)", line), line
         # the previous checkpoint is intact, byte for byte, and still the latest complete one
         assert tree_digest(run_dir / "checkpoints" / "step-3") == before

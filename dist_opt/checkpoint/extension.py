@@ -30,7 +30,6 @@ torchrun attempt (``TORCHELASTIC_RESTART_COUNT``, default 0), so the restarted g
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -44,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from dist_opt.checkpoint import store
-from dist_opt.checkpoint.errors import CheckpointError, agree, first_line
+from dist_opt.checkpoint.errors import CheckpointError, agree, data_problem, load_failures
 from dist_opt.checkpoint.resume import resolve_agreed
 from dist_opt.config import Config, ConfigError
 from dist_opt.extensions import Extension
@@ -290,7 +289,7 @@ class CheckpointExtension(Extension):
 
     def _finalize(self, snap: st.Snapshot, folder: Path, reason: str, gathered: list[dict[str, Any]]) -> None:
         from dist_opt.checkpoint import state as st
-        from dist_opt.config.loader import to_dict
+        from dist_opt.checkpoint.resume_policy import config_json
 
         keys = set().union(*(p["checks"] for p in gathered))
         differ = sorted(k for k in keys if len({p["checks"].get(k) for p in gathered}) > 1)
@@ -315,7 +314,7 @@ class CheckpointExtension(Extension):
             "world_size": self.world,
             "created_unix": time.time(),
             "torch": torch.__version__,
-            "config": json.loads(json.dumps(to_dict(self.cfg), default=str)),
+            "config": config_json(self.cfg),
             "layout": snap.layout,
             "shared": snap.shared,
             "rule_state": union,
@@ -331,21 +330,24 @@ class CheckpointExtension(Extension):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+        from dist_opt.checkpoint import resume_policy as rp
         from dist_opt.checkpoint import state as st
         from dist_opt.checkpoint.safe_metadata import SafeFileSystemReader, load_metadata
 
         t0 = time.perf_counter()
-        plan, problems = None, []
+        plan, problems, decision = None, [], rp.Decision()
         try:
             manifest = store.read_manifest(folder)
             md = load_metadata(folder)
         except CheckpointError as e:
             problems = e.problems
         else:
+            decision = rp.decide(manifest.get("config", {}), rp.config_json(self.cfg), int(manifest["step"]))
             try:
                 plan = st.plan_load(trainer, self, manifest, md)
             except CheckpointError as e:
                 problems = ["does not fit this run:", *(f"  {p}" for p in e.problems)]
+            problems += decision.refused  # config keys that cannot change on resume (resume_policy)
         agree(
             problems, folder, self.group, self.world
         )  # every rank refuses, or none does (DCP's load is collective)
@@ -360,12 +362,14 @@ class CheckpointExtension(Extension):
             )
         except CheckpointError:
             raise
-        except Exception as e:  # DCP wraps every rank's failure
-            raise CheckpointError([f"cannot read the checkpoint data: {first_line(e)}"], folder) from None
+        except load_failures() as e:  # DCP wraps every rank's failure in a BaseException
+            raise CheckpointError([data_problem(e)], folder) from None
         t2 = time.perf_counter()
         notes: list[str] = []
+        fresh_schedule = trainer.schedule.state_dict()  # built from this run's config
         try:
             notes = st.apply(trainer, self, plan)
+            rp.apply_changes(decision, trainer, fresh_schedule)
         except CheckpointError as e:
             problems = e.problems
         agree(problems, folder, self.group, self.world)
@@ -381,13 +385,7 @@ class CheckpointExtension(Extension):
         self._last_step = trainer.step
         self.loaded_from = folder
         if self.rank == 0:
-            saved = manifest.get("layout", {})
-            if saved.get("global_batch") != self.cfg.data.global_batch:
-                notes.append(
-                    f"data.global_batch changed from {saved.get('global_batch')} to "
-                    f"{self.cfg.data.global_batch}: the data stream continues at step "
-                    f"{trainer.step} but is not the one the checkpoint's run would have seen"
-                )
+            notes += decision.lines + rp.end_notes(trainer.step, trainer.total_steps)
             _say(
                 f"resumed from {folder} (step {trainer.step}, saved on {manifest['world_size']} rank(s), "
                 f"now {self.world})"

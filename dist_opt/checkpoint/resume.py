@@ -1,4 +1,13 @@
-"""Which checkpoint ``resume`` (none | latest | PATH) means, decided before anything is loaded or written."""
+"""Which checkpoint ``resume`` means, decided before anything is loaded or written.
+
+* ``none``: start fresh (refused when the run would save over complete checkpoints already there);
+* ``latest``: the newest usable checkpoint of ``run.out_dir``; with none at all, start fresh; when
+  every checkpoint folder there is unusable and at least one is corrupt (it has its completion
+  marker but fails the checks), refuse: starting over would overwrite that evidence;
+* ``latest_or_new``: as ``latest``, but start fresh even then;
+* ``auto``: as ``latest`` (the mode for a config that is simply run again: it continues its run);
+* a path: that step folder, or the newest usable checkpoint of that run or checkpoints folder.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +18,8 @@ from typing import Any
 from dist_opt.checkpoint import store
 from dist_opt.checkpoint.errors import CheckpointError
 from dist_opt.config import Config, ConfigError
+
+LATEST_MODES = ("latest", "latest_or_new", "auto")
 
 
 def resolve_resume(cfg: Config, root: Path, report: Callable[[str], None] | None = None) -> Path | None:
@@ -23,16 +34,14 @@ def resolve_resume(cfg: Config, root: Path, report: Callable[[str], None] | None
             raise ConfigError(
                 [
                     f"resume: none, but {root} already holds checkpoints (newest: "
-                    f"step-{existing[-1][0]}); set resume=latest to continue that run, or choose "
+                    f"step-{existing[-1][0]}); set resume=latest (or auto) to continue that run, or choose "
                     "another run.out_dir"
                 ]
             )
         return None
-    if resume.lower() == "latest":
-        found = store.find_latest(root, report=report)
-        if found is None and report is not None:
-            report(f"resume=latest: no complete checkpoint in {root}; starting from step 0")
-        return found
+    mode = resume.lower()
+    if mode in LATEST_MODES:
+        return _latest(root, mode, report)
     path = Path(resume).expanduser()
     if not path.exists():
         raise ConfigError(
@@ -48,6 +57,36 @@ def resolve_resume(cfg: Config, root: Path, report: Callable[[str], None] | None
     if found is None:
         raise CheckpointError(["cannot resume: no complete checkpoint in this folder"], path)
     return found
+
+
+def _latest(root: Path, mode: str, report: Callable[[str], None] | None) -> Path | None:
+    corrupt: list[str] = []
+    skipped: list[str] = []  # said unless the refusal below says it all in one line
+    say = report if report is not None else (lambda msg: None)
+    for _, folder in reversed(store.list_step_dirs(root)):
+        v = store.check(folder, deep=True)
+        if v.ok:
+            for line in skipped:
+                say(line)
+            return folder
+        skipped.append(f"checkpoint {folder} skipped: {v.problem}")
+        if (folder / store.MARKER).exists():  # completed once, damaged since (not a killed save)
+            corrupt.append(f"{folder.name} ({v.problem})")
+    if corrupt and mode != "latest_or_new":
+        raise CheckpointError(
+            [
+                f"resume={mode}: no usable checkpoint, and {len(corrupt)} corrupt one(s): "
+                f"{'; '.join(corrupt)}; refusing to start over in this run.out_dir (it would overwrite "
+                "them and metrics.jsonl): move them away, choose another run.out_dir, or set "
+                "resume=latest_or_new to start from step 0 anyway"
+            ],
+            root,
+        )
+    for line in skipped:
+        say(line)
+    if mode != "auto" or skipped:
+        say(f"resume={mode}: no complete checkpoint in {root}; starting from step 0")
+    return None
 
 
 def resolve_agreed(

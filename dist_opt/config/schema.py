@@ -297,7 +297,7 @@ class Config(Section):
     precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
     """Mixed precision: compute, parameter and gradient-reduction dtypes, fp16 loss scaling."""
     resume: str = "none"
-    """none, latest, or a path to a checkpoint step folder."""
+    """none (start fresh), latest (newest complete checkpoint; refuse if all are corrupt), latest_or_new (newest, else start fresh), auto (resume a complete checkpoint of this run, else start fresh), or a path to a step, checkpoints or run folder."""
 
     def check_world(self, world_size: int) -> list[str]:
         """Problems that depend on the world size (global batch divisibility)."""
