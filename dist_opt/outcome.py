@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_STOPPED = 0, 1, 2, 3, 4
@@ -36,7 +37,9 @@ class Summary:
         out = [
             f"steps {self.steps} ({self.skipped} skipped), samples {self.samples}, "
             f"wall {self.wall_s:.1f}s, {self.samples_per_s:.0f} samples/s (training steps)",
-            f"final train loss {self.train_loss:.4f}",
+            f"final train loss {self.train_loss:.4f}"
+            if not math.isnan(self.train_loss)
+            else "final train loss: none (no step ran in this session)",
         ]
         if self.eval:
             out.append(

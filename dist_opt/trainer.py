@@ -178,12 +178,7 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(
-                total=self.total_steps,
-                initial=self.step,
-                desc="train",
-                dynamic_ncols=True,
-                file=sys.stderr,
-                smoothing=0.1,
+                total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stderr
             )
         t_start = time.perf_counter()
         train_time = 0.0
@@ -192,6 +187,14 @@ class Trainer:
         summary = None
         eval_metrics: dict[str, float] = {}
         try:
+            if self.step >= self.total_steps and self.resumed_from_step is not None:
+                # resumed a finished run (e.g. the quickstart run twice): report it, change nothing
+                held_out = self.evaluate() if self.task.eval_size > 0 else {}
+                summary = Summary(
+                    steps=self.step, samples=self.samples, skipped=self.opt.skipped_steps, eval=held_out,
+                    run_dir=str(self.run_dir.resolve()),
+                )  # fmt: skip
+                return summary
             while self.step < self.total_steps:
                 try:
                     metrics = self.train_step()
