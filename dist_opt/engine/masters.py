@@ -27,7 +27,9 @@ class Masters:
 
     def __init__(self, working: Sequence[Tensor], master_dtype: torch.dtype) -> None:
         self.dtype = master_dtype
-        self.low = [i for i, w in enumerate(working) if w.dtype != master_dtype]
+        # only narrower working dtypes (bf16/fp16 under fp32) get a master; fp32/fp64 are their own
+        bits = torch.finfo(master_dtype).bits
+        self.low = [i for i, w in enumerate(working) if torch.finfo(w.dtype).bits < bits]
         device = working[0].device if working else torch.device("cpu")
         self.buf = torch.empty(sum(working[i].numel() for i in self.low), dtype=master_dtype, device=device)
         self.pieces: list[Tensor] = list(working)

@@ -96,8 +96,10 @@ class ShardedOptimizer(PieceOptimizer):
         if any(p.device != device for _, p in named):
             raise ValueError("ShardedOptimizer needs all parameters on one device")
         dtypes = list(dict.fromkeys(p.dtype for p in slot_params))  # in layout order
-        if reduce_dtype is None:
-            reduce_dtype = master_dtype or (dtypes[0] if len(dtypes) == 1 else torch.float32)
+        if reduce_dtype is None:  # the widest working dtype, at least the master dtype
+            widest = max(dtypes, key=lambda d: torch.finfo(d).bits)
+            low = master_dtype is not None and torch.finfo(widest).bits < torch.finfo(master_dtype).bits
+            reduce_dtype = master_dtype if low and master_dtype is not None else widest
         dtype = reduce_dtype
 
         # flat parameter buffers, one per working dtype (each holds its slots, padded, in layout
