@@ -194,6 +194,7 @@ class Trainer:
                     steps=self.step, samples=self.samples, skipped=self.opt.skipped_steps, eval=held_out,
                     run_dir=str(self.run_dir.resolve()),
                 )  # fmt: skip
+                self._finish(summary, first_end=False)  # the weights again; the run's summary stays
                 return summary
             while self.step < self.total_steps:
                 try:
@@ -376,13 +377,15 @@ class Trainer:
         with autocast(self.cfg.precision, self.device):
             return evaluate(self.task, self.model, self.rank, self.world, self.cfg.train.eval_max_samples)
 
-    def _finish(self, summary: Summary) -> None:
+    def _finish(self, summary: Summary, first_end: bool = True) -> None:
         from dist_opt.integrations import full_state_dict
 
         params = full_state_dict(self.model)  # a collective under fsdp2: every rank calls it
         if self.rank != 0:
             return
         torch.save(params, self.run_dir / "final_params.pt")
+        if not first_end and (self.run_dir / "summary.json").exists():
+            return
         record = {
             "steps": summary.steps,
             "samples": summary.samples,
