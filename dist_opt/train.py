@@ -211,4 +211,13 @@ def stop_message(e: NonFiniteStorm | StopRun) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    # A rank's work is done and flushed here (tracker closed, checkpoints complete, group destroyed).
+    # Leave without the interpreter's teardown: destroying gloo's C++ threads there can abort a
+    # finished rank ("terminate called without an active exception", exit -6) now and then.
+    mpi = sys.modules.get("mpi4py.MPI")  # mpirun ranks: finalize MPI ourselves (its atexit hook is skipped)
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)

@@ -12,7 +12,7 @@ if [ "$(id -u)" = 0 ] && [ ! -x /usr/sbin/sshd ] && command -v apt-get >/dev/nul
   # real sshd for the multi-node (network namespace) launcher test
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server iproute2) >/dev/null 2>&1 || true
 fi
-export OMP_NUM_THREADS=1 WANDB_MODE=offline WANDB_SILENT=true
+export OMP_NUM_THREADS=1 WANDB_SILENT=true
 
 gate() {  # gate NAME COMMAND...: run COMMAND unless NAME is skipped; a failure ends the run
   local name=$1
@@ -29,7 +29,8 @@ gate ruff-check .venv/bin/ruff check .
 gate ruff-format .venv/bin/ruff format --check .
 gate mypy .venv/bin/mypy
 
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# two workers, one test module each at a time (module fixtures such as the gloo ranks stay per module)
+.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile "$@"
 rc=$?
 if [ $rc -eq 5 ]; then
   echo "pytest collected no tests: failing" >&2

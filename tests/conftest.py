@@ -17,7 +17,11 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
-os.environ.setdefault("WANDB_MODE", "offline")
+# W&B follows each test's config (tracking.wandb.mode: offline by default, disabled where a test
+# does not look at W&B): an inherited WANDB_MODE would override every config and start an offline
+# W&B run (seconds of CPU) in tests that turned it off. No test ever goes online.
+for _var in ("WANDB_MODE", "WANDB_DISABLED"):
+    os.environ.pop(_var, None)
 
 from harness import DistHarness  # noqa: E402
 

@@ -24,7 +24,7 @@ def _env() -> dict[str, str]:
         "OMP_NUM_THREADS": "1",
         "LOGLEVEL": "WARNING",
         "PYTHONPATH": str(ROOT),
-        "WANDB_MODE": "offline",
+        "WANDB_MODE": "disabled",  # W&B is not under test here
     }
 
 
