@@ -5,6 +5,7 @@ implementations of the papers (tests/reference_optim.py)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 
 import pytest
@@ -50,9 +51,8 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(GLOBAL_BATCH, 7, generator=g), torch.randn(GLOBAL_BATCH, 5, generator=g)
 
 
-def train_sharded(rank: int, world: int, name: str, stage: int, accum: int) -> list[torch.Tensor]:
-    model = make_model()
-    opt = ShardedOptimizer(
+def sharded_opt(model: nn.Module, name: str, stage: int) -> ShardedOptimizer:
+    return ShardedOptimizer(
         model.named_parameters(),
         name,
         lr=LR[name],
@@ -60,17 +60,31 @@ def train_sharded(rank: int, world: int, name: str, stage: int, accum: int) -> l
         zero_stage=stage,
         bucket_mb=200 * 4 / 2**20,
     )  # tiny buckets: several per step
+
+
+def micro_steps(
+    model: nn.Module, opt: ShardedOptimizer, step: int, rank: int, world: int, accum: int, ctx=None
+) -> list[float]:
+    """Forward/backward of this rank's micro-batches of global step ``step`` (``ctx``: e.g. autocast
+    around the forward); gradient sync only on the last one. Returns the micro-batch losses."""
     micro = GLOBAL_BATCH // (world * accum)
-    for step in range(STEPS):
-        x, y = batch(step)
-        for k in range(accum):
-            lo = (k * world + rank) * micro
+    x, y = batch(step)
+    losses = []
+    for k in range(accum):
+        lo = (k * world + rank) * micro
+        with ctx() if ctx is not None else contextlib.nullcontext():
             loss = nn.functional.mse_loss(model(x[lo : lo + micro]), y[lo : lo + micro])
-            if k < accum - 1:
-                with opt.no_sync():
-                    loss.backward()
-            else:
-                loss.backward()
+        with opt.no_sync() if k < accum - 1 else contextlib.nullcontext():
+            loss.backward()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def train_sharded(rank: int, world: int, name: str, stage: int, accum: int) -> list[torch.Tensor]:
+    model = make_model()
+    opt = sharded_opt(model, name, stage)
+    for step in range(STEPS):
+        micro_steps(model, opt, step, rank, world, accum)
         assert opt.step() is True
         opt.zero_grad()
     return [p.detach().clone() for p in model.parameters()]

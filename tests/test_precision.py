@@ -10,14 +10,13 @@ the tolerance is the fp32 one of the exactness tests (tests/test_engine_exact.py
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
 import torch
 from reference_optim import RefLAMB, RefLARS
 from test_checkpoint import ADAM, assert_same, assert_same_opt_state, fit, in_process, step_folder
-from test_engine_exact import GLOBAL_BATCH, LR, WD, batch, make_model
+from test_engine_exact import GLOBAL_BATCH, LR, WD, batch, make_model, micro_steps, sharded_opt
 from torch import nn
 
 from dist_opt.config import ConfigError, load_config
@@ -50,28 +49,10 @@ def train_bf16(
 ) -> dict:
     """``bf16`` False: the same loop in fp32 (no autocast, no masters)."""
     model = bf16_model() if bf16 else make_model()
-    opt = ShardedOptimizer(
-        model.named_parameters(),
-        name,
-        lr=LR[name],
-        weight_decay=WD,
-        zero_stage=stage,
-        bucket_mb=200 * 4 / 2**20,
-    )
-    micro = GLOBAL_BATCH // (world * accum)
+    opt = sharded_opt(model, name, stage)
     losses, ratios = [], []
     for step in range(steps):
-        x, y = batch(step)
-        for k in range(accum):
-            lo = (k * world + rank) * micro
-            with autocast() if bf16 else contextlib.nullcontext():
-                loss = nn.functional.mse_loss(model(x[lo : lo + micro]), y[lo : lo + micro])
-            if k < accum - 1:
-                with opt.no_sync():
-                    loss.backward()
-            else:
-                loss.backward()
-            losses.append(float(loss.detach()))
+        losses += micro_steps(model, opt, step, rank, world, accum, autocast if bf16 else None)
         assert opt.step() is True
         opt.zero_grad()
         if step == 0 and bf16:
