@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import subprocess
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -115,3 +116,11 @@ class DistHarness:
         if getattr(self, "_tmp", None):
             self._tmp.cleanup()
             self._tmp = None
+
+
+def run_ok(cmd: list[str], *, timeout: float, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """Run a real command (output captured as text); fail the test with its output's tail unless it
+    exits 0."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc

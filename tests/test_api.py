@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from harness import run_ok
 from torch import nn
 
 from dist_opt.api import fit, resolve_config
@@ -190,15 +190,12 @@ def assert_two_ranks_equal_world_of_one(out: Path, tmp_path: Path) -> None:
 def test_user_script_under_torchrun_equals_the_world_of_one(tmp_path):
     out = tmp_path / "torchrun"
     script = write_script(tmp_path, out, nproc=1)  # distributed.nproc is ignored under a launcher
-    proc = subprocess.run(
+    run_ok(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
         env=script_env(),
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
         timeout=220,
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert_two_ranks_equal_world_of_one(out, tmp_path)
 
 
@@ -206,14 +203,11 @@ def test_user_script_under_torchrun_equals_the_world_of_one(tmp_path):
 def test_plain_script_with_nproc_2_reruns_itself_in_two_ranks(tmp_path):
     out = tmp_path / "spawned"
     script = write_script(tmp_path, out, nproc=2)
-    proc = subprocess.run(
+    proc = run_ok(
         [sys.executable, str(script), "train.eval_every=6"],
         env=script_env(),
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
         timeout=220,
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "dist-opt summary:" in proc.stdout  # printed by rank 0 of the re-run script
     assert_two_ranks_equal_world_of_one(out, tmp_path)

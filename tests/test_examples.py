@@ -6,12 +6,12 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from harness import run_ok
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -35,7 +35,7 @@ def _summary(run: Path) -> dict:
 @pytest.mark.timeout(300)
 def test_cnn_digits_example_trains_with_lars_warmup_and_swa(tmp_path):
     run = tmp_path / "cnn"
-    proc = subprocess.run(
+    run_ok(
         [
             sys.executable,
             str(EXAMPLES / "cnn_digits.py"),
@@ -52,11 +52,8 @@ def test_cnn_digits_example_trains_with_lars_warmup_and_swa(tmp_path):
         ],
         cwd=tmp_path,
         env=_env(),
-        capture_output=True,
-        text=True,
         timeout=280,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     s = _summary(run)
     assert s["world_size"] == 2 and s["steps"] == 3 * (1500 // 64)
     assert s["eval/accuracy"] > 0.5  # three epochs of LARS already learn most digits (chance: 0.1)
@@ -67,7 +64,7 @@ def test_cnn_digits_example_trains_with_lars_warmup_and_swa(tmp_path):
 @pytest.mark.timeout(300)
 def test_gpt_example_named_by_import_path_trains_with_lamb_zero2(tmp_path):
     run = tmp_path / "gpt"
-    proc = subprocess.run(
+    run_ok(
         [
             sys.executable,
             "-m",
@@ -85,11 +82,8 @@ def test_gpt_example_named_by_import_path_trains_with_lamb_zero2(tmp_path):
         ],
         cwd=EXAMPLES / "gpt_stdlib",
         env=_env(),
-        capture_output=True,
-        text=True,
         timeout=280,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = (run / "config.yaml").read_text()
     assert "tiny_gpt:TinyGPTTask" in cfg and "zero_stage: 2" in cfg and "name: lamb" in cfg
     s = _summary(run)
@@ -101,10 +95,7 @@ def test_converted_plain_script_runs_and_the_readme_shows_its_real_diff(tmp_path
     script = (EXAMPLES / "plain_script" / "after.py").read_text()
     assert '"train": {"epochs": 5}' in script
     (tmp_path / "after.py").write_text(script.replace('"train": {"epochs": 5}', '"train": {"epochs": 1}'))
-    proc = subprocess.run(
-        [sys.executable, "after.py"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=280
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ok([sys.executable, "after.py"], cwd=tmp_path, env=_env(), timeout=280)
     s = _summary(tmp_path / "runs" / "default")
     assert s["world_size"] == 2 and s["steps"] == 2048 // 64 and s["train_loss"] < 1.4  # chance: ln 5 = 1.61
     before = (EXAMPLES / "plain_script" / "before.py").read_text().splitlines()

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from harness import run_ok
 
 import dist_opt
 from dist_opt.checkpoint import store
@@ -120,7 +120,7 @@ def test_cli_local_spawn_trains_a_task_named_by_import_path(tmp_path, ln_referen
     d = _user_dir(tmp_path)
     (d / "cfg.yaml").write_text("task:\n  name: my_tasks:LNTask\n  options: {dim: 6, classes: 3}\n")
     out = d / "runs" / "cli"
-    proc = subprocess.run(
+    run_ok(
         [
             sys.executable,
             "-m",
@@ -134,11 +134,8 @@ def test_cli_local_spawn_trains_a_task_named_by_import_path(tmp_path, ln_referen
         ],
         cwd=d,
         env=_env(),
-        capture_output=True,
-        text=True,
         timeout=220,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     _close(_params(out), ln_reference, "dist-opt train, 2 ranks")
 
 
@@ -164,8 +161,7 @@ def _torchrun(d: Path, nproc: int, out: Path, overrides: list[str]) -> None:
         *BASE,
         *overrides,
     ]
-    proc = subprocess.run(cmd, cwd=d, env=_env(), capture_output=True, text=True, timeout=200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ok(cmd, cwd=d, env=_env(), timeout=200)
 
 
 @pytest.mark.timeout(420)
@@ -185,7 +181,7 @@ def test_fit_script_under_torchrun_with_workers_and_resharded_resume(tmp_path, d
     ckpt = store.step_dir(store.checkpoints_dir(full), 6)
     assert ckpt.is_dir()
     one = d / "runs" / "resume1"
-    proc = subprocess.run(
+    run_ok(
         [
             sys.executable,
             "train_script.py",
@@ -198,11 +194,8 @@ def test_fit_script_under_torchrun_with_workers_and_resharded_resume(tmp_path, d
         ],
         cwd=d,
         env=_env(),
-        capture_output=True,
-        text=True,
         timeout=200,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     _close(_params(one), _params(full), "resumed on 1 rank")
     three = d / "runs" / "resume3"
     _torchrun(
@@ -235,8 +228,7 @@ def test_dist_opt_launch_runs_a_user_script_on_every_rank(tmp_path, ds_reference
         *BASE,
         "data.micro_batch=6",
     ]
-    proc = subprocess.run(cmd, cwd=d, env=_env(), capture_output=True, text=True, timeout=220)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ok(cmd, cwd=d, env=_env(), timeout=220)
     _close(_params(out), ds_reference, "dist-opt launch --script, 2 ranks")
 
 
