@@ -110,3 +110,15 @@ class NoiseScale:
         self._g2 = float(state["g2"])
         self._weight = float(state["weight"])
         self.updates = int(state["updates"])
+
+
+def relative_steps(batch: float, base_batch: float, b_noise: float) -> float:
+    """Predicted ``S(B) / S(B0)`` from ``S(B) = S_min (1 + B_noise / B)`` (McCandlish et al. 2018, eq. 2.11).
+
+    ``batch`` = B, ``base_batch`` = B0 (the batch the noise scale was measured at), ``b_noise`` =
+    the critical batch estimate (B_simple). All must be positive and finite.
+    """
+    for name, v in (("batch", batch), ("base_batch", base_batch), ("b_noise", b_noise)):
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{name}={v!r}: expected a positive finite number")
+    return (1.0 + b_noise / batch) / (1.0 + b_noise / base_batch)
