@@ -37,7 +37,11 @@ def cast_params(model: nn.Module, p: PrecisionConfig) -> nn.Module:
     """Cast the model's floating *parameters* to ``precision.params``. Buffers keep their dtype, and
     so do the affine parameters of BatchNorm-like layers (their fp32 running statistics and a bf16
     weight cannot meet in one CPU kernel; bf16 inputs with fp32 parameters can): the engine accepts
-    the resulting mixed-dtype model, those fp32 parameters being their own masters."""
+    the resulting mixed-dtype model, those fp32 parameters being their own masters.
+
+    The model's floating-point inputs are cast to the same dtype by a forward pre-hook on the root
+    module (as FSDP2's ``cast_forward_inputs`` does): CPU autocast leaves e.g. LayerNorm's input
+    alone, and a bf16 LayerNorm cannot take an fp32 input."""
     dtype = DTYPES[p.params]
     if dtype == torch.float32:
         return model
@@ -47,7 +51,28 @@ def cast_params(model: nn.Module, p: PrecisionConfig) -> nn.Module:
         for param in module.parameters(recurse=False):
             if param.is_floating_point():
                 param.data = param.data.to(dtype)
+    model.register_forward_pre_hook(_InputCast(dtype), with_kwargs=True)
     return model
+
+
+class _InputCast:
+    """Forward pre-hook: floating-point tensors among the arguments (nested in lists, tuples and
+    dicts) are cast to ``dtype``; everything else passes unchanged."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def _cast(self, x: object) -> object:
+        if isinstance(x, torch.Tensor):
+            return x.to(self.dtype) if x.is_floating_point() and x.dtype != self.dtype else x
+        if isinstance(x, list | tuple):
+            return type(x)(self._cast(v) for v in x)
+        if isinstance(x, dict):
+            return {k: self._cast(v) for k, v in x.items()}
+        return x
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return tuple(self._cast(a) for a in args), {k: self._cast(v) for k, v in kwargs.items()}
 
 
 def loss_scaler(p: PrecisionConfig) -> LossScaler | None:
