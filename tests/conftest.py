@@ -34,6 +34,7 @@ DIST_MODULES = {
     "test_engines",  # DeepSpeed / FSDP2 on gloo ranks, the real deepspeed launcher
     "test_faults",  # signals to real launches
     "test_launch_run",  # torchrun, deepspeed, mpiexec and local launches
+    "test_plan",  # one real 2-rank quickstart run as the planner's probe
     "test_precision",  # bf16 / fp16 runs on gloo ranks, their checkpoints and reshards
     "test_reliability",  # launches that are refused, signalled after they ended, resumed
 }

@@ -6,7 +6,14 @@ The cost model (:mod:`~dist_opt.plan.collectives`, :mod:`~dist_opt.plan.fabric`,
 """
 
 from dist_opt.plan.collectives import Link, collective, flat, ring, tree
-from dist_opt.plan.fabric import PRESETS, CostModel, CostModelError, Fabric, cost_model_from_dict, load_cost_model
+from dist_opt.plan.fabric import (
+    PRESETS,
+    CostModel,
+    CostModelError,
+    Fabric,
+    cost_model_from_dict,
+    load_cost_model,
+)
 from dist_opt.plan.step_model import MODES, StepTime, Workload, layout, step_time
 
 __all__ = [

@@ -31,13 +31,19 @@ def parser() -> argparse.ArgumentParser:
         description="Predict steps, step time, time and GPU-hours to target for candidate global batches "
         "and GPU counts from a probe run (its noise/b_simple and timings) and an α-β cost model.",
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="the probe run's directory (metrics.jsonl, config.yaml)")
+    p.add_argument(
+        "run_dir", metavar="RUN_DIR", help="the probe run's directory (metrics.jsonl, config.yaml)"
+    )
     p.add_argument("--gpus", type=_ints, default=[8, 64, 512], help="GPU counts (default 8,64,512)")
     p.add_argument("--batches", type=_ints, default=None, help="global batches (default B0·2^k, k=-2..8)")
     p.add_argument("--cost-model", metavar="FILE", help="YAML overriding the interconnect and model settings")
-    p.add_argument("--mode", choices=MODES, help="data-parallel mode to predict (default: the run's zero_stage)")
+    p.add_argument(
+        "--mode", choices=MODES, help="data-parallel mode to predict (default: the run's zero_stage)"
+    )
     p.add_argument("--params", type=int, help="parameter count (default: from the run's final_params.pt)")
-    p.add_argument("--max-cost", type=float, default=2.0, help="recommend the fastest within this × the cheapest")
+    p.add_argument(
+        "--max-cost", type=float, default=2.0, help="recommend the fastest within this × the cheapest"
+    )
     p.add_argument("--plot", metavar="PNG", help="also plot time to target vs batch per GPU count")
     return p
 
@@ -115,7 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     batches = args.batches or default_batches(pr.global_batch)
     rows = candidates(work, mode, pr.global_batch, pr.b_noise, batches, args.gpus, cm)
     if not rows:
-        print("dist-opt plan: no candidate has a batch >= its GPU count (a whole number per GPU)", file=sys.stderr)
+        print(
+            "dist-opt plan: no candidate has a batch >= its GPU count (a whole number per GPU)",
+            file=sys.stderr,
+        )
         return 2
     best = recommend(rows, args.max_cost)
     print("\n".join([*_header(pr, cm, mode, reference(rows)), "", *table(rows, best), ""]))

@@ -132,12 +132,14 @@ def _fabric(key: str, v: Any) -> tuple[str, Fabric]:
         fab = replace(fab, bandwidth_GBps=_positive(f"{key}.bandwidth_GBps", v["bandwidth_GBps"]))
     if "latency_us" in v:
         lat = v["latency_us"]
-        if not (isinstance(lat, int | float) and not isinstance(lat, bool) and math.isfinite(lat) and lat >= 0):
+        if not (
+            isinstance(lat, int | float) and not isinstance(lat, bool) and math.isfinite(lat) and lat >= 0
+        ):
             raise CostModelError(f"key '{key}.latency_us': expected a number >= 0, got {lat!r}")
         fab = replace(fab, latency_us=float(lat))
     if "nics_per_node" in v:
         fab = replace(fab, nics_per_node=int(_positive(f"{key}.nics_per_node", v["nics_per_node"], True)))
-    return (name if name != "custom" else "custom"), fab
+    return name, fab
 
 
 def cost_model_from_dict(data: Any, base: CostModel | None = None) -> CostModel:
@@ -154,7 +156,10 @@ def cost_model_from_dict(data: Any, base: CostModel | None = None) -> CostModel:
             cm = replace(cm, gpus_per_node=int(_positive(key, v, integer=True)))
         elif key in ("intra", "inter"):
             name, fab = _fabric(key, v)
-            cm = replace(cm, **{key: fab, f"{key}_name": name})
+            if key == "intra":
+                cm = replace(cm, intra=fab, intra_name=name)
+            else:
+                cm = replace(cm, inter=fab, inter_name=name)
         elif key == "algorithm":
             if v not in ALGORITHMS:
                 raise CostModelError(f"key 'algorithm': expected one of {', '.join(ALGORITHMS)}, got {v!r}")
@@ -163,8 +168,10 @@ def cost_model_from_dict(data: Any, base: CostModel | None = None) -> CostModel:
             if not (isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1):
                 raise CostModelError(f"key 'overlap': expected a number in [0, 1], got {v!r}")
             cm = replace(cm, overlap=float(v))
+        elif key == "grad_bytes":
+            cm = replace(cm, grad_bytes=_positive(key, v))
         else:
-            cm = replace(cm, **{key: _positive(key, v)})
+            cm = replace(cm, param_bytes=_positive(key, v))
     return cm
 
 
