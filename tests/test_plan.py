@@ -206,10 +206,10 @@ def test_plan_refuses_a_run_without_b_simple(probe_run, tmp_path, capsys):
     assert "\n" not in err and "noise/b_simple" in err and ">= 2 ranks" in err
 
 
-def test_plan_refuses_a_malformed_cost_file_and_a_missing_run_dir(probe_run, tmp_path, capsys):
+def test_plan_refuses_a_malformed_cost_file_and_a_missing_run_dir(tmp_path, capsys):
     bad = tmp_path / "cm.yaml"
     bad.write_text("inter: {preset: ib_ndr, latency_us: fast}\n")
-    assert cli_main(["plan", str(probe_run), "--cost-model", str(bad)]) == 2
+    assert cli_main(["plan", str(tmp_path), "--cost-model", str(bad)]) == 2  # the file is read first
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and str(bad) in err and "inter.latency_us" in err
     assert cli_main(["plan", str(tmp_path / "nope")]) == 2

@@ -25,6 +25,26 @@ def _ints(text: str) -> list[int]:
     return out
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return n
+
+
+def _at_least_one(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = 0.0
+    if not x >= 1:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}")
+    return x
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dist-opt plan",
@@ -40,9 +60,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mode", choices=MODES, help="data-parallel mode to predict (default: the run's zero_stage)"
     )
-    p.add_argument("--params", type=int, help="parameter count (default: from the run's final_params.pt)")
     p.add_argument(
-        "--max-cost", type=float, default=2.0, help="recommend the fastest within this × the cheapest"
+        "--params", type=_positive_int, help="parameter count (default: from the run's final_params.pt)"
+    )
+    p.add_argument(
+        "--max-cost", type=_at_least_one, default=2.0, help="recommend the fastest within this × the cheapest"
     )
     p.add_argument("--plot", metavar="PNG", help="also plot time to target vs batch per GPU count")
     return p
