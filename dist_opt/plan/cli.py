@@ -25,24 +25,25 @@ def _ints(text: str) -> list[int]:
     return out
 
 
-def _positive_int(text: str) -> int:
+def _number(text: str, integer: bool) -> float:
+    """``text`` as a number >= 1 (an integer when ``integer``); NaN and junk are refused."""
     try:
-        n = int(text)
+        x: float = int(text) if integer else float(text)
     except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return n
+        x = 0
+    if not x >= 1:
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if integer else 'a number'} >= 1, got {text!r}"
+        )
+    return x
+
+
+def _positive_int(text: str) -> int:
+    return int(_number(text, integer=True))
 
 
 def _at_least_one(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        x = 0.0
-    if not x >= 1:  # also refuses NaN
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}")
-    return x
+    return _number(text, integer=False)
 
 
 def parser() -> argparse.ArgumentParser:

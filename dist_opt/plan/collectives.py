@@ -36,7 +36,9 @@ class Link:
     bandwidth_Bps: float
 
 
-def _check(nbytes: float, ranks: int) -> None:
+def _check(op: str, nbytes: float, ranks: int) -> None:
+    if op not in OPS:
+        raise ValueError(f"op={op!r}: expected one of {OPS}")
     if ranks < 1:
         raise ValueError(f"ranks={ranks}: expected >= 1")
     if nbytes < 0:
@@ -45,9 +47,7 @@ def _check(nbytes: float, ranks: int) -> None:
 
 def ring(op: str, nbytes: float, ranks: int, link: Link) -> float:
     """Seconds of a ring ``op`` ("all_reduce", "reduce_scatter", "all_gather") over ``ranks``."""
-    _check(nbytes, ranks)
-    if op not in OPS:
-        raise ValueError(f"op={op!r}: expected one of {OPS}")
+    _check(op, nbytes, ranks)
     p = ranks
     if p == 1:
         return 0.0
@@ -57,9 +57,7 @@ def ring(op: str, nbytes: float, ranks: int, link: Link) -> float:
 
 def tree(op: str, nbytes: float, ranks: int, link: Link) -> float:
     """Seconds of a tree ``op`` (pipelined binary tree all-reduce; recursive halving/doubling)."""
-    _check(nbytes, ranks)
-    if op not in OPS:
-        raise ValueError(f"op={op!r}: expected one of {OPS}")
+    _check(op, nbytes, ranks)
     p = ranks
     if p == 1:
         return 0.0

@@ -4,6 +4,10 @@ Read from the run directory's ``metrics.jsonl`` (``noise/b_simple``, ``time/forw
 ``time/optimizer_ms``, ``time/step_ms``) and ``config.yaml`` (world size, global batch, engine,
 ZeRO stage, precision). The parameter count comes from ``final_params.pt`` (written at the end of
 a run) unless given.
+
+The per-sample compute is ``time/forward_backward_ms`` per sample of a rank: on a multi-rank probe it
+includes whatever gradient communication ran inside backward without being hidden, so on a slow
+probe link it overstates compute a little (the cost model then adds the communication again).
 """
 
 from __future__ import annotations
