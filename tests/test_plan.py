@@ -84,6 +84,11 @@ def test_inter_node_bandwidth_is_shared_by_the_ranks_of_a_node():
     assert cm.inter_link(8).bandwidth_Bps == pytest.approx(12.5e9 / 8)  # one 100 GbE NIC per node
 
 
+def test_the_cost_model_and_the_planner_import_no_torch():
+    code = "import sys, dist_opt.plan, dist_opt.plan.cli; assert 'torch' not in sys.modules"
+    run_ok([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
+
+
 # -- step model ---------------------------------------------------------------------------------
 def test_step_time_of_ddp_zero1_zero2_by_hand():
     fab = Fabric(B / 1e9, A * 1e6)
