@@ -13,6 +13,8 @@ commands:
   launch [options] CONFIG [k=v ...]         start ranks on one or many nodes (torchrun|deepspeed|mpirun|slurm|local)
   schedule CONFIG [k=v ...] [--plot PNG]    show the learning-rate schedule of a config
   report RUN_DIR [RUN_DIR ...] --out PNG    plot metrics of runs
+  plan RUN_DIR [--gpus 8,64,512] [--batches ...] [--cost-model FILE] [--plot PNG]
+                                            predict time and cost to target per batch and GPU count
 """
 
 
@@ -47,6 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dist_opt.report import main as report_main
 
         return report_main(rest)
+    if cmd == "plan":
+        from dist_opt.plan.cli import main as plan_main
+
+        return plan_main(rest)
     print(f"dist-opt: unknown command {cmd!r}\n{USAGE}", file=sys.stderr, end="")
     return 2
 

@@ -40,6 +40,8 @@ DIST_MODULES = {
 # single tests in otherwise quick modules that start ranks or whole training processes
 DIST_TESTS = {
     "test_large_batch.py::test_tiny_sweep_writes_well_formed_report_and_plot",  # a pool of spawned workers
+    "test_plan.py::test_plan_prints_the_table_for_a_real_two_rank_run",  # the probe: a 2-rank quickstart run
+    "test_plan.py::test_plan_refuses_a_run_without_b_simple",  # (the same module-scoped probe run)
     "test_readme.py::test_python_example_runs_on_two_ranks",  # torchrun
     "test_tracking.py::test_killed_and_resumed_run_continues_same_wandb_run",  # a crashing training process
     "test_train.py::test_cli_under_torchrun_matches_in_process_run",  # torchrun

@@ -341,7 +341,7 @@ def test_missing_config_files_are_named(name):
 
 
 # -- command lines -------------------------------------------------------------------------------------------
-COMMANDS = {"train", "launch", "schedule", "report", "-h", "--help"}
+COMMANDS = {"train", "launch", "schedule", "report", "plan", "-h", "--help"}
 
 
 @FUZZ
