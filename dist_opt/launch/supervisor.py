@@ -100,7 +100,10 @@ class Supervisor:
                 start_new_session=True,
             )
             assert popen.stdin is not None
-            popen.stdin.write((json.dumps({"env": proc.env}) + "\n").encode("utf-8"))
+            header: dict[str, object] = {"env": proc.env}
+            if proc.omp_ranks is not None:
+                header["omp_ranks"] = proc.omp_ranks
+            popen.stdin.write((json.dumps(header) + "\n").encode("utf-8"))
             popen.stdin.flush()  # stdin stays open: it is the remote side's lifeline
         else:
             popen = subprocess.Popen(

@@ -18,6 +18,7 @@ from dist_opt.launch.backends.common import (
     master_port,
     no_restarts,
     node_env,
+    omp_ranks,
     sibling_executable,
 )
 from dist_opt.launch.hostfile import is_local
@@ -67,6 +68,12 @@ def build(req: Request) -> Plan:
             *_flags(req),
         ]
         procs.append(
-            Proc(label=node_label(i, node.host), host=node.host, argv=argv, env=node_env(req, node.nproc))
+            Proc(
+                label=node_label(i, node.host),
+                host=node.host,
+                argv=argv,
+                env=node_env(req, node.nproc, node.host),
+                omp_ranks=omp_ranks(req, node.host, node.nproc),
+            )
         )
     return Plan(launcher="deepspeed", procs=procs, world_size=req.world_size)
