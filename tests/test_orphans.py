@@ -1,7 +1,9 @@
 """Ranks never outlive their launcher: SIGKILL of the launching process (the CLI's local spawn,
 torchrun, or ``dist-opt launch --launcher local``) leaves no rank running 10 s later, and the ranks
 stop through the agreed-stop path. And the other way round: a SIGKILLed rank ends the whole launch
-within seconds (the launcher stops its peers, which then stop waiting for the dead rank's report)."""
+within seconds (the launcher stops its peers, which then stop waiting for the dead rank's report).
+And SIGTERM to ``dist-opt launch`` is a preemption: the ranks save and the launcher exits 4, although
+torchrun under it exits 1 after a forwarded signal."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from dist_opt.checkpoint.store import checkpoints_dir, complete_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
@@ -192,6 +196,26 @@ def test_a_sigkilled_rank_ends_a_torchrun_launch_within_seconds(tmp_path):
     # at once (before, rank 0 waited out the 25 s grace for the dead rank's report: ~30 s in all)
     assert took < 15, f"the launch ended {took:.1f} s after a rank was killed\n{log[-3000:]}"
     assert "rank 1 is not responding (dead or unreachable; last heartbeat" in log, log[-3000:]
+
+
+@pytest.mark.timeout(200)
+def test_sigterm_to_launch_is_a_saved_preemption_with_exit_4(tmp_path):
+    run = tmp_path / "run"
+    args = [a for a in ARGS if not a.startswith(("distributed.nproc=", "checkpoint."))]  # checkpoints on
+    cmd = [*LAUNCH, "--nproc-per-node", "2", *_cfg(tmp_path), *args, f"run.out_dir={run}"]
+    proc, _ = _start_and_reach_step_3(cmd, run, tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        rc = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    log = (tmp_path / "launcher.log").read_text()
+    assert rc == 4, log[-3000:]  # was 130 (and torchrun's own exit code is 1)
+    assert "every rank ended with exit code 4 (stopped and saved)" in log, log[-3000:]
+    saved = complete_steps(checkpoints_dir(run))
+    assert saved and saved[-1][0] == max(
+        json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if "loss" in x
+    )
 
 
 LAUNCH = [sys.executable, "-m", "dist_opt", "launch", "--timeout", "150"]

@@ -2,8 +2,10 @@
 
 Reads one JSON line ``{"env": {...}, "omp_ranks": N}`` from stdin, runs ARGV with that environment
 added (and, with ``omp_ranks``, OMP_NUM_THREADS = this node's usable cores // N unless the
-environment sets it: each node counts its own cores), in its own session, and keeps reading stdin: end-of-file means the launcher (or its ssh) is gone,
-and then the whole session is terminated, so no rank outlives a failed or interrupted launch.
+environment sets it: each node counts its own cores), in its own session, and keeps reading stdin:
+a line ``TERM`` sends SIGTERM to the session (the launcher stops the run; the ranks save and exit),
+end-of-file means the launcher (or its ssh) is gone, and then the whole session is terminated, so
+no rank outlives a failed or interrupted launch.
 Exits with ARGV's exit code (128 + signal number when it was killed by a signal).
 """
 
@@ -101,8 +103,12 @@ def main(argv: list[str]) -> int:
 
     def lifeline() -> None:
         try:
-            while os.read(stdin, 4096):  # raw reads: no buffer lock to trip over at shutdown
-                pass
+            while data := os.read(stdin, 4096):  # raw reads: no buffer lock to trip over at shutdown
+                if b"TERM" in data:  # the launcher stops the run: the ranks save and exit
+                    try:
+                        os.killpg(proc.pid, signal.SIGTERM)
+                    except (ProcessLookupError, PermissionError):
+                        pass
         except OSError:
             pass
         _kill_session(proc)
