@@ -391,6 +391,30 @@ def test_shim_kills_its_command_when_the_launcher_side_goes_away(tmp_path):
         os.kill(child, 0)
 
 
+def test_shim_passes_a_stop_request_on_to_its_command_as_sigterm(tmp_path):
+    marker = tmp_path / "term"
+    script = (
+        "import signal, sys, time\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (open({str(marker)!r}, 'w').write('saved'), sys.exit(4)))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    shim = subprocess.Popen(
+        [sys.executable, "-m", "dist_opt.launch.remote", "--", sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=REPO,
+    )
+    shim.stdin.write(b'{"env": {}}\n')
+    shim.stdin.flush()
+    assert shim.stdout.readline().strip() == b"ready"
+    shim.stdin.write(b"TERM\n")  # the launcher stops the run; the connection stays open
+    shim.stdin.flush()
+    assert shim.wait(timeout=30) == 4  # the command's own exit code: it handled SIGTERM (saved)
+    shim.stdin.close()
+    assert marker.read_text() == "saved"
+
+
 def test_shim_rejects_a_missing_header():
     done = subprocess.run(
         [sys.executable, "-m", "dist_opt.launch.remote", "--", "true"],
