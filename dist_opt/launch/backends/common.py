@@ -8,7 +8,8 @@ from dist_opt.dist.ports import free_port
 from dist_opt.launch.envvars import forwarded_env, omp_threads, usable_cores
 from dist_opt.launch.errors import LaunchError
 from dist_opt.launch.hostfile import is_local
-from dist_opt.launch.plan import Request
+from dist_opt.launch.plan import Proc, Request, node_label
+from dist_opt.launch.selection import Node
 
 DEFAULT_PORT = 29500
 
@@ -64,9 +65,15 @@ def node_env(req: Request, procs: int, host: str | None = None) -> dict[str, str
     return dict(sorted(env.items()))
 
 
-def omp_ranks(req: Request, host: str | None, procs: int) -> int | None:
-    """``procs`` when ``host`` sets OMP_NUM_THREADS from its own cores (see :func:`node_env`), else None."""
-    return procs if counts_own_cores(req, host) else None
+def node_proc(req: Request, index: int, node: Node, argv: list[str]) -> Proc:
+    """Node ``index``'s command: its environment, and OMP_NUM_THREADS counted there when it can be."""
+    return Proc(
+        label=node_label(index, node.host),
+        host=node.host,
+        argv=argv,
+        env=node_env(req, node.nproc, node.host),
+        omp_ranks=node.nproc if counts_own_cores(req, node.host) else None,
+    )
 
 
 def no_restarts(req: Request) -> None:
