@@ -1,7 +1,8 @@
 """``dist-opt launch``: a config + a launcher choice (+ a hostfile) is all a user needs.
 
 ``main(argv) -> int``: 0 on success, 2 for bad input (nothing started), 1 (or the failing
-node's exit code) when the launch failed, 124 on --timeout, 130 when interrupted.
+node's exit code) when the launch failed, 4 when a stop signal made every rank stop and save,
+124 on --timeout, 130 when interrupted without that outcome.
 """
 
 from __future__ import annotations
