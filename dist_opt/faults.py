@@ -12,7 +12,8 @@
   ignoring the signal until the launcher's SIGKILL.
 * **Peers** (world size > 1): a :class:`dist_opt.peers.PeerMonitor` heartbeat names the missing
   ranks when a collective fails (:mod:`dist_opt.diagnose`) and ends a rank that is stuck outside a
-  collective its peers reported as failed.
+  collective its peers reported as failed. A stop signal that arrives while a failed collective is
+  being diagnosed, or just before (the launcher stops the ranks once one has died), ends that wait.
 * **Test-only hooks**, read from the environment by tests/test_faults.py and never set in normal
   runs: ``DIST_OPT_TEST_HANG_AT_STEP=RANK:STEP`` makes that rank sleep forever after that step (a
   hung peer); ``DIST_OPT_TEST_STEP_SLEEP=SECONDS`` sleeps after every step (so that a test can
@@ -146,6 +147,8 @@ class PreemptionExtension(Extension):
         now = time.monotonic()
         if trainer is None:
             return
+        if self.monitor is not None:  # a failed collective's diagnosis (now or just after) does not wait
+            self.monitor.hurry()
         if self.signal_at is None:
             self.signal_name, self.signal_at = signal.Signals(signum).name, now
             trainer.request_stop(f"received {self.signal_name}")

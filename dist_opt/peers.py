@@ -1,7 +1,7 @@
 """Who is missing when a collective fails: heartbeats and failure reports through the group's store.
 
 Every rank runs a :class:`PeerMonitor` thread (world size > 1). It writes a heartbeat
-(``<step> <counter>``) into the key-value store of the default process group every
+(``<step> <counter> <unix time>``) into the key-value store of the default process group every
 ``interval`` seconds, and watches a shared failure counter. The store is a separate TCP
 connection (torchrun's agent hosts it; otherwise rank 0), so it still answers when a gloo/NCCL
 collective is stuck.
@@ -9,7 +9,11 @@ collective is stuck.
 When a collective fails on a rank, :meth:`PeerMonitor.post_mortem` reports it (collective and
 step), waits up to ``grace`` seconds for the other ranks' reports and names the ranks that did not
 report: *alive* (their heartbeat counter moved during the wait: the process runs but is not in the
-collective, i.e. hung) or *not responding* (no heartbeat: dead, killed or unreachable).
+collective, i.e. hung) or *not responding* (no heartbeat: dead, killed or unreachable; the message
+says how long ago its last heartbeat was written). :meth:`PeerMonitor.hurry` cuts that wait short:
+the launcher stops the remaining ranks (SIGTERM) once one has died, and a rank that is told to stop
+during the wait, or at most ``HURRY_WINDOW_S`` before it, exits at once with what it knows instead
+of waiting out the grace period.
 
 A rank that has not reported while its peers have (it is not in the collective: stuck somewhere
 else) exits after ``grace + interval`` seconds instead of waiting for a collective that can never
@@ -26,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 KEY_PREFIX = "dist_opt/peers"
+HURRY_WINDOW_S = 5.0  # a stop request this recent is about the failure at hand (the launcher's reaction)
 
 
 def default_store() -> Any | None:
@@ -62,6 +67,8 @@ class PeerMonitor:
         self.beats = 0
         self.reported = False
         self._stop = threading.Event()
+        self._hurry = threading.Event()
+        self._hurried_at = 0.0
         if self.store is not None:
             try:  # every rank counts the runs it started on this group: the same number on all ranks
                 gen = self.store.add(f"{KEY_PREFIX}/runs/{rank}", 1)
@@ -92,6 +99,12 @@ class PeerMonitor:
         if t is not None and t is not threading.current_thread():
             t.join(timeout=self.interval + 5.0)
 
+    def hurry(self) -> None:
+        """This rank is being stopped: end a :meth:`post_mortem` wait now, or one that starts within
+        ``HURRY_WINDOW_S`` (a failure found after a stop request that old waits in full)."""
+        self._hurried_at = time.monotonic()
+        self._hurry.set()
+
     def _live_store(self) -> Any:
         """The store; raises when it is gone (every caller handles the error as a lost store)."""
         store = self.store
@@ -101,7 +114,8 @@ class PeerMonitor:
 
     def _beat(self) -> None:
         self.beats += 1
-        self._live_store().set(self._hb_key(self.rank), f"{self.current_step()} {self.beats}")
+        beat = f"{self.current_step()} {self.beats} {time.time():.3f}"
+        self._live_store().set(self._hb_key(self.rank), beat)
 
     def _loop(self) -> None:
         peers_failed_at: float | None = None
@@ -158,14 +172,15 @@ class PeerMonitor:
             for what, ranks in by_what.items()
         )
 
-    def _heartbeats(self) -> dict[int, tuple[int, int]]:
+    def _heartbeats(self) -> dict[int, tuple[int, int, float]]:
+        """rank -> (step, counter, unix time) of its last heartbeat."""
         store = self._live_store()
         out = {}
         for r in range(self.world):
             k = self._hb_key(r)
             if store.check([k]):
-                step, _, n = store.get(k).decode().partition(" ")
-                out[r] = (int(step), int(n))
+                step, n, at = store.get(k).decode().split(" ")
+                out[r] = (int(step), int(n), float(at))
         return out
 
     def post_mortem(self, collective: str, step: int) -> str:
@@ -174,6 +189,8 @@ class PeerMonitor:
         self.stop()
         if self.store is None:
             return ""
+        if time.monotonic() - self._hurried_at > HURRY_WINDOW_S:
+            self._hurry.clear()
         result: list[str] = []
 
         def work() -> None:
@@ -185,9 +202,8 @@ class PeerMonitor:
             reports: dict[int, dict] = {}
             while time.monotonic() < deadline:
                 reports = self._reports()
-                if len(reports) == self.world:
+                if len(reports) == self.world or self._hurry.wait(0.2):
                     break
-                time.sleep(0.2)
             after = self._heartbeats()
             missing = [r for r in range(self.world) if r not in reports]
             alive, dead = [], []
@@ -196,8 +212,7 @@ class PeerMonitor:
                 if a is not None and b is not None and a[1] != b[1]:
                     alive.append(f"rank {r} is alive but did not join (hung after step {a[0]})")
                 else:
-                    last = f", last heartbeat after step {a[0]}" if a else ""
-                    dead.append(f"rank {r} is not responding (dead or unreachable{last})")
+                    dead.append(f"rank {r} is not responding (dead or unreachable{_silence(a)})")
             if missing:
                 result.append("missing: " + ", ".join(alive + dead))
             else:
@@ -212,3 +227,10 @@ class PeerMonitor:
         if t.is_alive():
             return "the key-value store did not answer (its host may be gone)"
         return "; ".join(result)
+
+
+def _silence(beat: tuple[int, int, float] | None) -> str:
+    """How long ago a silent rank's last heartbeat was written (its clock against this rank's)."""
+    if beat is None:
+        return "; it never sent a heartbeat"
+    return f"; last heartbeat {max(0.0, time.time() - beat[2]):.1f} s ago"

@@ -8,8 +8,9 @@ Layout (``tok`` is random so parallel runs do not collide)::
                                                                            └─ eth0 10.213.S.2  sshd
 
 The bridge lives in its own namespace so that the host's firewall (br_netfilter, a FORWARD
-policy of DROP on Docker hosts) never sees the bridged traffic. Every node runs a real
-OpenSSH server bound only to its own address, with a generated host key; the client side
+policy of DROP on Docker hosts) never sees the bridged traffic. Every node has its own hostname
+(``dot-nodeI``, in a UTS namespace of its own) and runs a real OpenSSH server bound only to its
+own address, with a generated host key; the client side
 gets a generated user key, a ``known_hosts`` with the real host key, and an ``ssh_config``
 with ``StrictHostKeyChecking yes`` and ``BatchMode yes``. The filesystem is shared (namespaces
 only separate the network), so the venv and the repository have the same paths on every node.
@@ -172,12 +173,13 @@ class Cluster:
     def _etc(self) -> None:
         """Per-namespace /etc/hosts and resolv.conf (``ip netns exec`` bind-mounts /etc/netns/NS/*).
 
-        Each node resolves the shared hostname to its own address (as a real node would) and every
-        node name without DNS: lookups inside a namespace cannot reach the host's name server, and
-        waiting for it would stall every connection gloo makes.
+        Each node has its own hostname (``dot-nodeI``, see :meth:`_start_sshd`) that resolves to its
+        own address, as on a real cluster, and every node name resolves without DNS: lookups inside
+        a namespace cannot reach the host's name server, and waiting for it would stall every
+        connection gloo makes. The machine's own hostname still resolves to the node's address.
         """
         me = socket.gethostname()
-        names = "".join(f"{n.addr} dot-node{i}\n" for i, n in enumerate(self.nodes))
+        names = "".join(f"{n.addr} {node_hostname(i)}\n" for i, n in enumerate(self.nodes))
         for node in self.nodes:
             etc = Path("/etc/netns") / node.netns
             etc.mkdir(parents=True, exist_ok=True)
@@ -235,8 +237,11 @@ class Cluster:
         )
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # privilege-separation directory
         log = open(w / f"sshd_{i}.log", "wb")  # noqa: SIM115 - lives as long as the daemon
+        # its own UTS namespace too: every node has a hostname of its own, as real nodes do (Open MPI
+        # tells nodes apart by hostname; two nodes named alike hang its first message between them)
+        daemon = f"hostname {node_hostname(i)} && exec {SSHD} -D -e -f {cfg}"
         node.sshd = subprocess.Popen(
-            ["ip", "netns", "exec", node.netns, SSHD, "-D", "-e", "-f", str(cfg)],
+            ["ip", "netns", "exec", node.netns, "unshare", "--uts", "sh", "-c", daemon],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -282,6 +287,11 @@ class Cluster:
             shutil.rmtree(Path("/etc/netns") / node.netns, ignore_errors=True)
         _ip("link", "del", self.host_if, check=False)
         _ip("netns", "del", self.switch, check=False)
+
+
+def node_hostname(i: int) -> str:
+    """The hostname of node ``i`` (its own UTS namespace); it resolves to the node's address."""
+    return f"dot-node{i}"
 
 
 def _kill_netns_pids(netns: str) -> None:

@@ -26,6 +26,7 @@ from dist_opt.launch.cli import main
 from dist_opt.launch.envvars import forwarded_env, omp_threads, parse_env_assignments
 from dist_opt.launch.errors import LaunchError
 from dist_opt.launch.plan import Request, SshOptions
+from dist_opt.launch.remote import header_env
 from dist_opt.launch.selection import Node
 from dist_opt.launch.ssh import remote_command, ssh_argv
 
@@ -137,6 +138,39 @@ def test_torchrun_one_agent_per_node_with_c10d_hosted_by_node_0():
         assert a[-5:] == ["-m", "dist_opt.train", "/cfg/tiny.yaml", "train.steps=3", WEIRD]
         assert proc.env["OMP_NUM_THREADS"] == str(8 // TWO[i].nproc)
         assert proc.remote
+
+
+def test_other_nodes_count_their_own_cores_for_omp_threads_unless_told():
+    environ = {"OMP_NUM_THREADS": "16"}  # the launching machine's value does not travel
+    for builder in (torchrun.build, deepspeed.build):
+        plan = builder(request("torchrun", TWO, cores_per_node=None, environ=environ))
+        assert [p.omp_ranks for p in plan.procs] == [2, 4]
+        assert all("OMP_NUM_THREADS" not in p.env for p in plan.procs)
+        given = builder(request("torchrun", TWO, cores_per_node=None, extra_env={"OMP_NUM_THREADS": "3"}))
+        assert [p.env["OMP_NUM_THREADS"] for p in given.procs] == ["3", "3"]  # --env wins, on every node
+        told = builder(request("torchrun", TWO, cores_per_node=8, environ=environ))
+        assert [p.omp_ranks for p in told.procs] == [None, None]  # --cores-per-node: computed here
+    one = local.build(request("local", [Node("localhost", (0, 1))], cores_per_node=None))
+    assert one.procs[0].omp_ranks is None
+    assert one.procs[0].env["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
+
+
+@pytest.mark.parametrize(
+    "header, expected",
+    [
+        ({"env": {"A": "1"}}, {"A": "1"}),
+        ({"env": {}, "omp_ranks": 4}, {"OMP_NUM_THREADS": "3"}),  # 12 cores // 4 ranks
+        ({"env": {}, "omp_ranks": 24}, {"OMP_NUM_THREADS": "1"}),
+        ({"env": {"OMP_NUM_THREADS": "5"}, "omp_ranks": 4}, {"OMP_NUM_THREADS": "5"}),  # the user's value
+    ],
+)
+def test_shim_sets_omp_threads_from_the_nodes_cores(header, expected):
+    assert header_env(header, cores=12) == expected
+
+
+def test_shim_rejects_a_bad_omp_ranks():
+    with pytest.raises(ValueError, match="omp_ranks"):
+        header_env({"env": {}, "omp_ranks": 0}, cores=12)
 
 
 def test_torchrun_single_local_node_uses_loopback_and_a_free_port():
@@ -317,18 +351,20 @@ def test_remote_command_survives_a_real_shell_and_the_shim_runs_it(tmp_path):
     printer = [
         sys.executable,
         "-c",
-        "import json, os, sys; print(json.dumps([sys.argv[1:], os.getcwd(), os.environ.get('SHIM_VAR')]))",
+        "import json, os, sys; print(json.dumps([sys.argv[1:], os.getcwd(), os.environ.get('SHIM_VAR'),"
+        " os.environ.get('OMP_NUM_THREADS')]))",
         *args,
     ]
     cmd = remote_command(sys.executable, str(tmp_path), printer, pythonpath=str(REPO))
     assert shlex.split(cmd)[:2] == ["cd", str(tmp_path)]
     shell = subprocess.Popen(["sh", "-c", cmd], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    shell.stdin.write(json.dumps({"env": {"SHIM_VAR": "v $x"}}) + "\n")
+    # omp_ranks: the node computes OMP_NUM_THREADS from its own cores (over this process's OMP_NUM_THREADS=1)
+    shell.stdin.write(json.dumps({"env": {"SHIM_VAR": "v $x"}, "omp_ranks": 1}) + "\n")
     shell.stdin.flush()  # stdin stays open, as ssh's does while the launch runs
     out = shell.stdout.read()
     assert shell.wait(timeout=60) == 0
     shell.stdin.close()
-    assert json.loads(out) == [args, str(tmp_path), "v $x"]
+    assert json.loads(out) == [args, str(tmp_path), "v $x", str(len(os.sched_getaffinity(0)))]
     assert not (tmp_path / "pwned").exists()
 
 
@@ -353,6 +389,30 @@ def test_shim_kills_its_command_when_the_launcher_side_goes_away(tmp_path):
     assert time.monotonic() - t0 < 10
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)
+
+
+def test_shim_passes_a_stop_request_on_to_its_command_as_sigterm(tmp_path):
+    marker = tmp_path / "term"
+    script = (
+        "import signal, sys, time\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (open({str(marker)!r}, 'w').write('saved'), sys.exit(4)))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    shim = subprocess.Popen(
+        [sys.executable, "-m", "dist_opt.launch.remote", "--", sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=REPO,
+    )
+    shim.stdin.write(b'{"env": {}}\n')
+    shim.stdin.flush()
+    assert shim.stdout.readline().strip() == b"ready"
+    shim.stdin.write(b"TERM\n")  # the launcher stops the run; the connection stays open
+    shim.stdin.flush()
+    assert shim.wait(timeout=30) == 4  # the command's own exit code: it handled SIGTERM (saved)
+    shim.stdin.close()
+    assert marker.read_text() == "saved"
 
 
 def test_shim_rejects_a_missing_header():

@@ -79,6 +79,43 @@ def test_cpu_default_cuda_build_arg_nonroot_user_and_entrypoint():
     assert "[${EXTRAS}]" in runs
 
 
+# CUDA wheel indexes that PyTorch publishes per release (its release compatibility matrix):
+# 2.13 has CUDA 12.6 and 13.0 (stable) and 13.2 (experimental); no cu124, cu128 or cu129.
+TORCH_CUDA_INDEXES = {"2.13": {"cu126", "cu130", "cu132"}}
+
+
+def _documented_cuda_recipes() -> list[tuple[str, str]]:
+    """(base image, torch index) pairs given as CUDA build recipes in the Dockerfile and the README."""
+    recipes = []
+    for text in (DOCKERFILE.read_text(), (REPO / "README.md").read_text()):
+        flat = re.sub(r"\\\n#?\s*", " ", text)
+        pattern = r"BASE_IMAGE=(nvidia/cuda:\S+?)\s.{0,80}?TORCH_INDEX_URL=(\S+?/whl/cu\d+)"
+        for m in re.finditer(pattern, flat, re.S):
+            recipes.append((m.group(1), m.group(2)))
+    return recipes
+
+
+def test_documented_cuda_recipe_names_an_index_that_has_this_torch():
+    args = {rest.split("=", 1)[0]: rest.split("=", 1)[-1] for w, rest in _instructions() if w == "ARG"}
+    release = ".".join(args["TORCH_VERSION"].split(".")[:2])
+    recipes = _documented_cuda_recipes()
+    assert len(recipes) >= 2  # the Dockerfile's header and the README
+    for image, index in recipes:
+        cu = index.rsplit("/", 1)[1]
+        assert cu in TORCH_CUDA_INDEXES[release], f"torch {release} has no {cu} wheels"
+        major, minor = re.match(r"nvidia/cuda:(\d+)\.(\d+)\.", image).groups()
+        assert cu == f"cu{major}{minor}", f"{image} does not match {index}"
+
+
+def test_sshd_gets_host_keys_and_its_config_is_checked_at_build():
+    runs = [rest for w, rest in _instructions() if w == "RUN"]
+    [install] = [r for r in runs if "openssh-server" in r]
+    steps = [s.strip() for s in install.split("&&")]
+    keygen = steps.index("ssh-keygen -A")  # every missing host key type, non-interactively
+    check = steps.index("/usr/sbin/sshd -t")  # fails the build if sshd could not start
+    assert steps.index("mkdir -p /run/sshd") < check and keygen < check
+
+
 def test_every_copied_path_exists_in_the_repository():
     sources = []
     for word, rest in _instructions():

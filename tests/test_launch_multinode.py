@@ -6,8 +6,9 @@ rendezvous over the namespace network and train together; the result equals one 
 Skipped only when not root or when ``ip netns`` is unavailable (a failure instead with
 ``DIST_OPT_REQUIRE_ALL_TESTS=1``, as in CI).
 
-Inside each namespace the machine's hostname resolves to that node's own address (per-namespace
-/etc/hosts, see tests/netns.py), as on a real cluster, so gloo finds the right interface by itself.
+Each namespace node has a hostname of its own that resolves to its own address (per-namespace
+UTS namespace and /etc/hosts, see tests/netns.py), as on a real cluster: gloo finds the right
+interface by itself, and Open MPI (which tells nodes apart by hostname) can start ranks on both.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import netns
 import pytest
 from environment import require_or_skip
-from test_launch_run import REPO, TINY, assert_same_run, launch_env, run_launch
+from test_launch_run import REPO, TINY, assert_final_checkpoint, assert_same_run, launch_env, run_launch
 
 REASON = netns.unavailable_reason()
 
@@ -121,7 +122,7 @@ def test_ranks_on_two_nodes_rendezvous_over_the_namespace_network(cluster, probe
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed", "mpirun"])
 def test_two_nodes_train_to_the_single_process_parameters(launcher, cluster, tiny, reference, tmp_path):
     out = tmp_path / "run"
     done = run_launch(
@@ -133,6 +134,7 @@ def test_two_nodes_train_to_the_single_process_parameters(launcher, cluster, tin
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"{launcher}, 2 node(s), world size 2" in done.stderr
     assert_same_run(out, reference)
+    assert_final_checkpoint(out)
 
 
 @pytest.mark.timeout(90)

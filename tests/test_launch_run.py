@@ -17,11 +17,12 @@ import pytest
 import torch
 from netns import write_probe
 
+from dist_opt.checkpoint.store import check, checkpoints_dir, step_dir
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = (
     "task:\n  name: synthetic\n  dim: 8\n  hidden: 16\ndata:\n  global_batch: 8\n  micro_batch: 2\n"
     "train:\n  steps: 5\n  progress: false\noptimizer:\n  name: sgd\n  lr: 0.1\n"
-    "checkpoint:\n  at_end: false\n"  # launching is under test here, not checkpoints
     "tracking:\n  wandb:\n    mode: disabled\n"
 )
 
@@ -58,6 +59,12 @@ def read_run(out_dir: Path) -> tuple[dict[str, torch.Tensor], list[dict]]:
         json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
     ]
     return params, [m for m in metrics if "loss" in m and "step" in m]
+
+
+def assert_final_checkpoint(out_dir: Path, step: int = 5) -> None:
+    """The run saved at its end (``checkpoint.at_end``, the default) and that save is complete."""
+    verdict = check(step_dir(checkpoints_dir(out_dir), step))
+    assert verdict.ok, verdict.problem
 
 
 def assert_same_run(out_dir: Path, reference: Path) -> None:
@@ -114,6 +121,7 @@ def test_launcher_trains_to_the_single_process_parameters(launcher, tiny, refere
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"{launcher}, 1 node(s), world size 2" in done.stderr
     assert_same_run(out, reference)
+    assert_final_checkpoint(out)
 
 
 @pytest.fixture

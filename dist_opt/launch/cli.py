@@ -1,7 +1,8 @@
 """``dist-opt launch``: a config + a launcher choice (+ a hostfile) is all a user needs.
 
 ``main(argv) -> int``: 0 on success, 2 for bad input (nothing started), 1 (or the failing
-node's exit code) when the launch failed, 124 on --timeout, 130 when interrupted.
+node's exit code) when the launch failed, 4 when a stop signal made every rank stop and save,
+124 on --timeout, 130 when interrupted without that outcome.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from dist_opt.launch.backends import BUILDERS
 from dist_opt.launch.backends.slurm import allocation_nodes, cores_on_node
 from dist_opt.launch.dryrun import render
-from dist_opt.launch.envvars import parse_env_assignments, usable_cores
+from dist_opt.launch.envvars import parse_env_assignments
 from dist_opt.launch.errors import LaunchError, LaunchFailure
 from dist_opt.launch.hostfile import is_local, is_valid_host, read_hostfile
 from dist_opt.launch.plan import Request, SshOptions
@@ -87,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cores-per-node",
         type=_positive,
-        help="cores per node for OMP_NUM_THREADS = cores // ranks per node (default: this "
-        "machine's usable cores, or SLURM_CPUS_ON_NODE)",
+        help="cores per node for OMP_NUM_THREADS = cores // ranks per node (default: each node's "
+        "own usable cores, counted on that node, or SLURM_CPUS_ON_NODE)",
     )
     p.add_argument(
         "--env",
@@ -212,11 +213,8 @@ def _check_master_port(req: Request) -> None:
 def make_request(args: argparse.Namespace) -> Request:
     _check_inputs(args)
     nodes = _nodes(args)
-    cores = (
-        args.cores_per_node
-        or (cores_on_node(os.environ) if args.launcher == "slurm" else None)
-        or usable_cores()
-    )
+    # None: every node counts its own cores (the shim on another node, usable_cores() here)
+    cores = args.cores_per_node or (cores_on_node(os.environ) if args.launcher == "slurm" else None)
     if args.script is not None:
         config, overrides = "", tuple(getattr(args, "script_args", ()))
     else:

@@ -29,4 +29,6 @@ def render(plan: Plan, ssh: SshOptions, python: str, cwd: str) -> str:
             cmd = remote_command(python, cwd, proc.argv, pythonpath=proc.env.get("PYTHONPATH"))
             lines.append(f"#   via: {shlex.join(ssh_argv(proc.host, cmd, ssh))}")
             lines.append("#   (the environment is sent as JSON on ssh's stdin, not on a command line)")
+            if proc.omp_ranks is not None:
+                lines.append(f"#   OMP_NUM_THREADS: set on the node to its usable cores // {proc.omp_ranks}")
     return "\n".join(lines) + "\n"

@@ -41,7 +41,7 @@ class Request:
     max_restarts: int = 0
     run_id: str = "dist-opt"
     rdzv_timeout: int = 300
-    cores_per_node: int = 1
+    cores_per_node: int | None = None  # None: every node counts its own usable cores
     extra_env: Mapping[str, str] = field(default_factory=dict)
     environ: Mapping[str, str] = field(default_factory=dict)
     allow_run_as_root: bool = False
@@ -71,6 +71,8 @@ class Proc:
     host: str | None
     argv: list[str]
     env: dict[str, str]
+    # set: the node's shim sets OMP_NUM_THREADS = its own usable cores // omp_ranks (unless env has it)
+    omp_ranks: int | None = None
 
     @property
     def remote(self) -> bool:

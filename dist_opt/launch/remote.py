@@ -1,8 +1,11 @@
 """Node-side shim: ``python -m dist_opt.launch.remote -- ARGV...`` started over ssh by the launcher.
 
-Reads one JSON line ``{"env": {...}}`` from stdin, runs ARGV with that environment added, in
-its own session, and keeps reading stdin: end-of-file means the launcher (or its ssh) is gone,
-and then the whole session is terminated, so no rank outlives a failed or interrupted launch.
+Reads one JSON line ``{"env": {...}, "omp_ranks": N}`` from stdin, runs ARGV with that environment
+added (and, with ``omp_ranks``, OMP_NUM_THREADS = this node's usable cores // N unless the
+environment sets it: each node counts its own cores), in its own session, and keeps reading stdin:
+a line ``TERM`` sends SIGTERM to the session (the launcher stops the run; the ranks save and exit),
+end-of-file means the launcher (or its ssh) is gone, and then the whole session is terminated, so
+no rank outlives a failed or interrupted launch.
 Exits with ARGV's exit code (128 + signal number when it was killed by a signal).
 """
 
@@ -14,6 +17,8 @@ import signal
 import subprocess
 import sys
 import threading
+
+from dist_opt.launch.envvars import omp_threads, usable_cores
 
 GRACE_S = 5.0
 
@@ -47,17 +52,30 @@ def _read_line(fd: int, limit: int = 1 << 20) -> bytes:
     raise ValueError("header line on stdin is too long")
 
 
-def _read_header(fd: int) -> dict[str, str]:
-    line = _read_line(fd)
-    if not line.strip():
-        raise ValueError("no header on stdin (expected one JSON line with 'env')")
-    header = json.loads(line)
+def header_env(header: dict, cores: int) -> dict[str, str]:
+    """The variables a header adds: its ``env``, plus OMP_NUM_THREADS from ``cores`` for ``omp_ranks``."""
     env = header.get("env", {})
     if not isinstance(env, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in env.items()
     ):
         raise ValueError("header 'env' must map names to strings")
+    ranks = header.get("omp_ranks")
+    if ranks is not None:
+        if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks <= 0:
+            raise ValueError("header 'omp_ranks' must be a positive integer")
+        if "OMP_NUM_THREADS" not in env:
+            env = {**env, "OMP_NUM_THREADS": str(omp_threads(cores, ranks))}
     return env
+
+
+def _read_header(fd: int) -> dict[str, str]:
+    line = _read_line(fd)
+    if not line.strip():
+        raise ValueError("no header on stdin (expected one JSON line with 'env')")
+    header = json.loads(line)
+    if not isinstance(header, dict):
+        raise ValueError("the header must be a JSON object")
+    return header_env(header, usable_cores())
 
 
 def main(argv: list[str]) -> int:
@@ -85,8 +103,12 @@ def main(argv: list[str]) -> int:
 
     def lifeline() -> None:
         try:
-            while os.read(stdin, 4096):  # raw reads: no buffer lock to trip over at shutdown
-                pass
+            while data := os.read(stdin, 4096):  # raw reads: no buffer lock to trip over at shutdown
+                if b"TERM" in data:  # the launcher stops the run: the ranks save and exit
+                    try:
+                        os.killpg(proc.pid, signal.SIGTERM)
+                    except (ProcessLookupError, PermissionError):
+                        pass
         except OSError:
             pass
         _kill_session(proc)

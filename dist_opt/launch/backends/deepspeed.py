@@ -18,6 +18,7 @@ from dist_opt.launch.backends.common import (
     master_port,
     no_restarts,
     node_env,
+    node_proc,
     sibling_executable,
 )
 from dist_opt.launch.hostfile import is_local
@@ -66,7 +67,5 @@ def build(req: Request) -> Plan:
             f"--master_port={port}",
             *_flags(req),
         ]
-        procs.append(
-            Proc(label=node_label(i, node.host), host=node.host, argv=argv, env=node_env(req, node.nproc))
-        )
+        procs.append(node_proc(req, i, node, argv))
     return Plan(launcher="deepspeed", procs=procs, world_size=req.world_size)

@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Mapping
 
 from dist_opt.dist.slurm import hostnames
-from dist_opt.launch.backends.common import no_restarts, node_env
+from dist_opt.launch.backends.common import cores_here, no_restarts, node_env
 from dist_opt.launch.envvars import omp_threads
 from dist_opt.launch.errors import LaunchError
 from dist_opt.launch.plan import Plan, Proc, Request
@@ -59,7 +59,7 @@ def build(req: Request) -> Plan:
     per_node = req.nodes[0].nproc
     if any(n.nproc != per_node for n in req.nodes):
         raise LaunchError("--launcher slurm needs the same number of ranks on every node")
-    cpus = omp_threads(req.cores_per_node, per_node)
+    cpus = omp_threads(cores_here(req), per_node)
     env = node_env(req, per_node)
     env["MASTER_ADDR"] = req.master_addr or hosts[0]
     job = int(req.environ.get("SLURM_JOB_ID", "0") or 0)

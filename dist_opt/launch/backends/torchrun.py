@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dist_opt.launch.backends.common import master_addr, master_port, node_env
+from dist_opt.launch.backends.common import master_addr, master_port, node_proc
 from dist_opt.launch.hostfile import is_local
-from dist_opt.launch.plan import Plan, Proc, Request, endpoint, node_label
+from dist_opt.launch.plan import Plan, Request, endpoint
 
 
 def build(req: Request) -> Plan:
@@ -30,7 +30,5 @@ def build(req: Request) -> Plan:
         if node.host is not None:
             argv.append(f"--local-addr={'127.0.0.1' if is_local(node.host) else node.host}")
         argv += req.entry()
-        procs.append(
-            Proc(label=node_label(i, node.host), host=node.host, argv=argv, env=node_env(req, node.nproc))
-        )
+        procs.append(node_proc(req, i, node, argv))
     return Plan(launcher="torchrun", procs=procs, world_size=req.world_size)
