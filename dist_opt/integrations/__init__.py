@@ -56,24 +56,6 @@ def _features(cfg: Config) -> list[str]:
         problems.append(
             f"swa.enabled: SWA averages the native engine's parameter shards; not available with {where}"
         )
-    c = cfg.checkpoint
-    saving = [
-        k
-        for k, on in (
-            ("checkpoint.at_end", c.at_end),
-            ("checkpoint.every_steps", c.every_steps),
-            ("checkpoint.every_epochs", c.every_epochs),
-            ("resume", cfg.resume.strip().lower() != "none"),
-        )
-        if on
-    ]
-    if saving and not (engine == "deepspeed" and stage == 0):
-        problems.append(
-            f"{saving[0]}: dist-opt's checkpoints need the native engine's state layout, which {where} "
-            "does not have; set checkpoint.at_end=false, checkpoint.every_steps=0, "
-            "checkpoint.every_epochs=0 and resume=none"
-            + (" (DeepSpeed's own checkpoints: opt.save_checkpoint)" if engine == "deepspeed" else "")
-        )
     return problems
 
 
