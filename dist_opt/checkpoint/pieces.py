@@ -31,10 +31,16 @@ class FlatPiece(ShardedTensor):
     """One rank's contiguous range of a flattened tensor (see :func:`flat_piece`)."""
 
     _process_group = None  # read by the tensor methods DCP calls; nothing here communicates
+    _piece_device: torch.device
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         return _DISPATCH(cls, func, types, args, kwargs)
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        """The local piece's device (ShardedTensor's own answer for a rank without shards is CUDA)."""
+        return self._piece_device
 
     def to_local(self) -> Tensor:
         """This rank's elements (an empty tensor when it holds none)."""
@@ -64,4 +70,5 @@ def flat_piece(local: Tensor, offset: int, numel: int) -> FlatPiece:
         requires_grad=False,
     )
     st._local_shards = [Shard(local.reshape(-1), mine)] if n else []
+    st._piece_device = local.device
     return st
