@@ -1,4 +1,4 @@
-"""``dist-opt`` command line: train, launch, schedule, report, init; ``--version``."""
+"""``dist-opt`` command line: train, launch, schedule, report, init, export; ``--version``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ commands:
   launch [options] CONFIG [k=v ...]         start ranks on one or many nodes (torchrun|deepspeed|mpirun|slurm|local)
   schedule CONFIG [k=v ...] [--plot PNG]    show the learning-rate schedule of a config
   report RUN_DIR [RUN_DIR ...] --out PNG    plot metrics of runs
+  export RUN_DIR --out FILE [--step N] [--swa] [--force]
+                                            write a checkpoint's model as a plain state_dict file
 """
 
 
@@ -47,6 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dist_opt.report import main as report_main
 
         return report_main(rest)
+    if cmd == "export":
+        from dist_opt.export_cli import main as export_main
+
+        return export_main(rest)
     print(f"dist-opt: unknown command {cmd!r}\n{USAGE}", file=sys.stderr, end="")
     return 2
 
