@@ -44,7 +44,11 @@ def fit(rank: int, world: int, out_dir: str, overrides: list[str]) -> dict:
     cfg = load_config(None, [*BASE, f"run.out_dir={out_dir}", *overrides])
     trainer = Trainer(cfg, torch.device("cpu"))
     summary = trainer.fit()
-    return {"params": full_state_dict(trainer.model), "steps": summary.steps, "applied": trainer.opt.applied_steps}
+    return {
+        "params": full_state_dict(trainer.model),
+        "steps": summary.steps,
+        "applied": trainer.opt.applied_steps,
+    }
 
 
 @pytest.mark.timeout(300)
@@ -68,4 +72,6 @@ def test_engine_checkpoint_resumes_exactly_and_reshards(tmp_path, world2, world3
     for r in wider:
         assert r["applied"] == 6
         for k, v in straight["params"].items():
-            torch.testing.assert_close(r["params"][k], v, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+            torch.testing.assert_close(
+                r["params"][k], v, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}"
+            )

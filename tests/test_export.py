@@ -87,7 +87,9 @@ def test_export_native_swa_and_fsdp2_checkpoints(tmp_path, world2, capsys):
     want = torch.load(run / "swa_model.pt", weights_only=True)  # what the SWA extension wrote at the end
     trained = [k for k in final if k.endswith(("weight", "bias"))]
     assert_equal(load_into_fresh(swa_out, DIGITS_SWA), want, trained)
-    assert any(not torch.equal(want[k], final[k]) for k in trained), "the average differs from the live weights"
+    assert any(not torch.equal(want[k], final[k]) for k in trained), (
+        "the average differs from the live weights"
+    )
 
     fsdp = tmp_path / "fsdp2"
     final = world2.run(fit, str(fsdp), SYNTH_FSDP2)[0]["params"]

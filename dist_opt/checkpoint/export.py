@@ -35,20 +35,22 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
     if not run.is_dir():
         raise ExportError(f"{run_dir}: no such run directory")
     if store.STEP_DIR.match(run.name) and (run / store.MARKER).exists():
-        folder: Path | None = run
+        folder = run
     else:
         root = store.checkpoints_dir(run) if store.checkpoints_dir(run).is_dir() else run
         steps = store.list_step_dirs(root)
         if step is None:
-            folder = store.find_latest(root)
-            if folder is None:
+            latest = store.find_latest(root)
+            if latest is None:
                 what = "no checkpoint" if not steps else "no complete checkpoint"
                 raise ExportError(f"{run_dir}: {what} in {root}")
+            folder = latest
         else:
-            folder = dict(steps).get(step)
-            if folder is None:
+            found = dict(steps).get(step)
+            if found is None:
                 have = ", ".join(str(s) for s, _ in steps) or "none"
                 raise ExportError(f"{run_dir}: no checkpoint of step {step} (steps there: {have})")
+            folder = found
     v = store.check(folder, deep=True)
     if not v.ok:
         raise ExportError(f"{folder}: not a usable checkpoint: {v.problem}")

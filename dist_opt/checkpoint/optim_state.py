@@ -71,7 +71,9 @@ def capture_tensors(opt: PieceOptimizer, model_sd: dict[str, Tensor], mesh: Devi
     specs = opt.shard_specs()
     for s in specs:
         p = model_sd[s.name]
-        out[f"model/{s.name}"] = _dtensor_like(p, copy_cpu(p.to_local())) if isinstance(p, DTensor) else copy_cpu(p)
+        out[f"model/{s.name}"] = (
+            _dtensor_like(p, copy_cpu(p.to_local())) if isinstance(p, DTensor) else copy_cpu(p)
+        )
     state = opt.sharded_state()
     for s in specs:
         for k, v in state[s.name].items():
@@ -97,7 +99,9 @@ def piece_tensor(local: Tensor, s: ShardSpec, mesh: DeviceMesh) -> Tensor:
 
 def _dtensor_like(t: DTensor, local: Tensor) -> DTensor:
     """``local`` as a DTensor with ``t``'s mesh, placements and global shape (a sharded parameter)."""
-    return DTensor.from_local(local, t.device_mesh, t.placements, shape=t.shape, stride=t.stride(), run_check=False)
+    return DTensor.from_local(
+        local, t.device_mesh, t.placements, shape=t.shape, stride=t.stride(), run_check=False
+    )
 
 
 def local_tensor(t: Tensor) -> Tensor:
@@ -180,7 +184,7 @@ def load_params(opt: PieceOptimizer, model_sd: dict[str, Tensor], templates: dic
     for s in opt.shard_specs():
         p = model_sd[s.name]
         if isinstance(p, DTensor):  # a sharded parameter (FSDP2): this rank's rows
-            p.to_local().copy_(templates[f"model/{s.name}"].to_local())
+            p.to_local().copy_(local_tensor(templates[f"model/{s.name}"]))
         else:
             p.copy_(templates[f"model/{s.name}"])
 

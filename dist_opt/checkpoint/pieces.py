@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorBase
-from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
 from torch.distributed._shard.sharding_spec import _infer_sharding_spec_from_shards_metadata
 
 # ShardedTensor's tensor-method dispatch (size(), device) without its deprecation warning: DCP
@@ -30,7 +29,7 @@ _DISPATCH = getattr(_DISPATCH, "__wrapped__", _DISPATCH)
 class FlatPiece(ShardedTensor):
     """One rank's contiguous range of a flattened tensor (see :func:`flat_piece`)."""
 
-    _process_group = None  # read by the tensor methods DCP calls; nothing here communicates
+    _process_group = None  # type: ignore[assignment]  # read by the tensor methods DCP calls; nothing here communicates
     _piece_device: torch.device
 
     @classmethod

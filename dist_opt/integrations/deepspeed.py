@@ -341,23 +341,23 @@ class DeepSpeedOptimizer:
             everyone, load_optimizer_states=True, load_from_fp32_weights=True
         )
 
-    def shard_state_dict(self) -> dict[str, Any]:
-        """Stage 0 only: this rank's chunks in the native engine's format."""
-        if self.zero_stage != 0:
-            raise NotImplementedError("at ZeRO-1/2 use sharded_state() or state_dict()")
+    def shard_state_dict(self) -> dict[str, Any]:  # stage 0 only: this rank's chunks (native format)
         return self._chunked().shard_state_dict()
 
     # -- the state API (dist-opt's DCP checkpoints): the client's chunks at stage 0, DeepSpeed's
     # partition fragments at stages 1/2 (``zero_state``) ------------------------------------------
     def _chunked(self) -> ChunkedOptimizer:
         if not isinstance(self.client, ChunkedOptimizer):
-            raise AttributeError("at DeepSpeed ZeRO-1/2 the optimizer state lives in DeepSpeed's flat partitions")
+            raise AttributeError(
+                "at DeepSpeed ZeRO-1/2 the optimizer state lives in DeepSpeed's flat partitions"
+            )
         return self.client
 
     def _state_api(self) -> ChunkedOptimizer | ZeroPartitionState:
         if self.zero_stage == 0:
             return self._chunked()
         if self._partitions is None:
+            assert isinstance(self.client, LocalRuleOptimizer)
             self._partitions = ZeroPartitionState(self.engine.optimizer, self.client, self.engine.module)
         return self._partitions
 

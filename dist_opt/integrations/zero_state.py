@@ -56,7 +56,8 @@ class ZeroPartitionState:
         out: dict[str, dict[str, Tensor]] = {}
         for s, (_, p) in zip(self._specs, self.named, strict=True):
             flat, st = self._partition(p), self._partition_state(p)
-            start = p._hp_mapping.hp_fragment_address.start if s.valid else 0
+            m = getattr(p, "_hp_mapping", None)
+            start = m.hp_fragment_address.start if s.valid and m is not None else 0
             out[s.name] = {
                 k: v if v.dim() == 0 else v.narrow(0, start, s.valid)
                 for k, v in st.items()
@@ -75,7 +76,7 @@ class ZeroPartitionState:
         mine = self.sharded_state()
         for s, (_, p) in zip(self._specs, self.named, strict=True):
             if s.valid:
-                p._hp_mapping.update_hp()  # fp32 partition <- the loaded parameter
+                getattr(p, "_hp_mapping", None).update_hp()  # fp32 partition <- the loaded parameter
             for k, dst in mine[s.name].items():
                 if k not in state[s.name]:
                     raise KeyError(f"optimizer state of {s.name} lacks {k!r}")
