@@ -76,7 +76,8 @@ class ZeroPartitionState:
         mine = self.sharded_state()
         for s, (_, p) in zip(self._specs, self.named, strict=True):
             if s.valid:
-                getattr(p, "_hp_mapping", None).update_hp()  # fp32 partition <- the loaded parameter
+                mapping: Any = getattr(p, "_hp_mapping", None)
+                mapping.update_hp()  # fp32 partition <- the loaded parameter
             for k, dst in mine[s.name].items():
                 if k not in state[s.name]:
                     raise KeyError(f"optimizer state of {s.name} lacks {k!r}")
