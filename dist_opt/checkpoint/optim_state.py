@@ -72,7 +72,7 @@ def capture_tensors(opt: PieceOptimizer, model_sd: dict[str, Tensor], mesh: Devi
     for s in specs:
         p = model_sd[s.name]
         out[f"model/{s.name}"] = (
-            _dtensor_like(p, copy_cpu(p.to_local())) if isinstance(p, DTensor) else copy_cpu(p)
+            _dtensor_like(p, copy_cpu(p.to_local()), mesh) if isinstance(p, DTensor) else copy_cpu(p)
         )
     state = opt.sharded_state()
     for s in specs:
@@ -97,11 +97,14 @@ def piece_tensor(local: Tensor, s: ShardSpec, mesh: DeviceMesh) -> Tensor:
     return flat_piece(local, s.offset, s.numel)
 
 
-def _dtensor_like(t: DTensor, local: Tensor) -> DTensor:
-    """``local`` as a DTensor with ``t``'s mesh, placements and global shape (a sharded parameter)."""
-    return DTensor.from_local(
-        local, t.device_mesh, t.placements, shape=t.shape, stride=t.stride(), run_check=False
-    )
+def _dtensor_like(t: DTensor, local: Tensor, mesh: DeviceMesh) -> DTensor:
+    """``local`` (CPU) as a DTensor with ``t``'s placements and global shape (a sharded parameter) on
+    the checkpoint's CPU ``mesh`` (``t``'s mesh spans the same ranks, maybe on another device)."""
+    if t.device_mesh.ndim != 1 or t.device_mesh.size() != mesh.size():
+        raise ValueError(
+            f"sharded parameter on a {t.device_mesh.shape} mesh; checkpoints need all ranks on one dim"
+        )
+    return DTensor.from_local(local, mesh, t.placements, shape=t.shape, stride=t.stride(), run_check=False)
 
 
 def local_tensor(t: Tensor) -> Tensor:
@@ -140,7 +143,7 @@ def plan_tensors(
             p = model_sd[s.name]
             if need(f"model/{s.name}", tuple(p.shape), p.dtype, f"parameter {s.name}"):
                 templates[f"model/{s.name}"] = (
-                    _dtensor_like(p, torch.empty(p.to_local().shape, dtype=p.dtype))
+                    _dtensor_like(p, torch.empty(p.to_local().shape, dtype=p.dtype), mesh)
                     if isinstance(p, DTensor)
                     else torch.empty(p.shape, dtype=p.dtype)
                 )
