@@ -1,4 +1,4 @@
-"""``dist-opt`` command line: train, launch, schedule, report, init; ``--version``."""
+"""``dist-opt`` command line: train, launch, schedule, report, init, export; ``--version``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ commands:
   report RUN_DIR [RUN_DIR ...] --out PNG    plot metrics of runs
   plan RUN_DIR [--gpus 8,64,512] [--batches ...] [--cost-model FILE] [--plot PNG]
                                             predict time and cost to target per batch and GPU count
+  export RUN_DIR --out FILE [--step N] [--swa] [--force]
+                                            write a checkpoint's model as a plain state_dict file
 """
 
 
@@ -53,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dist_opt.plan.cli import main as plan_main
 
         return plan_main(rest)
+    if cmd == "export":
+        from dist_opt.export_cli import main as export_main
+
+        return export_main(rest)
     print(f"dist-opt: unknown command {cmd!r}\n{USAGE}", file=sys.stderr, end="")
     return 2
 

@@ -31,7 +31,9 @@ MULTINODE_MODULES = {"test_launch_multinode"}
 DIST_MODULES = {
     "test_bench_step",  # benchmark ranks
     "test_checkpoint",  # torchrun restarts, killed ranks
+    "test_engine_checkpoints",  # DCP checkpoints of fsdp2 / DeepSpeed ZeRO-1/2 runs, resumed and resharded
     "test_engines",  # DeepSpeed / FSDP2 on gloo ranks, the real deepspeed launcher
+    "test_export",  # runs whose checkpoints are exported
     "test_faults",  # signals to real launches
     "test_launch_run",  # torchrun, deepspeed, mpiexec and local launches
     "test_precision",  # bf16 / fp16 runs on gloo ranks, their checkpoints and reshards

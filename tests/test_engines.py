@@ -313,16 +313,6 @@ def test_generated_deepspeed_config():
             "not supported",
         ),
         (["deepspeed.config={steps_per_print: 1}"], "deepspeed.config", "engine is native"),
-        (
-            ["distributed.engine=fsdp2", "checkpoint.at_end=true"],
-            "checkpoint.at_end",
-            "native engine's state layout",
-        ),
-        (
-            ["distributed.engine=deepspeed", "distributed.zero_stage=1", "resume=latest"],
-            "resume",
-            "opt.save_checkpoint",
-        ),
         (["distributed.engine=deepspeed", "swa.enabled=true"], "swa.enabled", "native engine"),
         (["distributed.engine=fsdp2", "distributed.nproc=1"], "distributed.engine", "nothing to shard"),
     ],
@@ -343,6 +333,10 @@ def test_supported_combinations_pass_the_check():
     for opt, engines in SUPPORTED.items():
         for label in engines:
             assert check_engine(load_config(None, [*BASE, *OPTS[opt], *ENGINES[label]])) == []
+    # dist-opt's checkpoints work under every engine (tests/test_engine_checkpoints.py)
+    saving = ["checkpoint.at_end=true", "checkpoint.every_steps=2", "resume=latest"]
+    for label in ENGINES:
+        assert check_engine(load_config(None, [*BASE, *OPTS["adamw"], *ENGINES[label], *saving])) == []
 
 
 # -- the real deepspeed launcher ------------------------------------------------------------------

@@ -20,10 +20,13 @@ try:
 except ImportError:  # torch < 2.5
     from torch.distributed._tensor import DTensor, Shard
 
+from dist_opt.checkpoint.pieces import FlatPiece, flat_piece
+
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
     from dist_opt.engine.core import PieceOptimizer
+    from dist_opt.engine.state_codec import ShardSpec
 
 #: need(key, shape, dtype, what) -> whether the checkpoint holds that tensor (else a problem is noted)
 Need = Callable[[str, tuple[int, ...], torch.dtype, str], bool]
@@ -67,7 +70,10 @@ def capture_tensors(opt: PieceOptimizer, model_sd: dict[str, Tensor], mesh: Devi
     out: dict[str, Tensor] = {}
     specs = opt.shard_specs()
     for s in specs:
-        out[f"model/{s.name}"] = copy_cpu(model_sd[s.name])
+        p = model_sd[s.name]
+        out[f"model/{s.name}"] = (
+            _dtensor_like(p, copy_cpu(p.to_local()), mesh) if isinstance(p, DTensor) else copy_cpu(p)
+        )
     state = opt.sharded_state()
     for s in specs:
         for k, v in state[s.name].items():
@@ -75,8 +81,35 @@ def capture_tensors(opt: PieceOptimizer, model_sd: dict[str, Tensor], mesh: Devi
             if v.dim() == 0 or s.shards == 1:
                 out[key] = copy_cpu(v)
             else:
-                out[key] = shard_piece(copy_cpu(v), s.numel, mesh)
+                out[key] = piece_tensor(copy_cpu(v), s, mesh)
     return out
+
+
+def piece_tensor(local: Tensor, s: ShardSpec, mesh: DeviceMesh) -> Tensor:
+    """This rank's piece of a flattened state tensor as DCP saves / loads it at its global offset: a
+    DTensor ``Shard(0)`` for the native ``torch.chunk`` split, else a :func:`~.pieces.flat_piece`
+    (FSDP2's dim-0 rows, DeepSpeed ZeRO-1/2 partition fragments)."""
+    rank = mesh.get_local_rank()
+    c = -(-s.numel // s.shards)
+    lo = min(rank * c, s.numel)
+    if s.shards == mesh.size() and s.offset == lo and s.valid == min(c, s.numel - lo):
+        return shard_piece(local, s.numel, mesh)
+    return flat_piece(local, s.offset, s.numel)
+
+
+def _dtensor_like(t: DTensor, local: Tensor, mesh: DeviceMesh) -> DTensor:
+    """``local`` (CPU) as a DTensor with ``t``'s placements and global shape (a sharded parameter) on
+    the checkpoint's CPU ``mesh`` (``t``'s mesh spans the same ranks, maybe on another device)."""
+    if t.device_mesh.ndim != 1 or t.device_mesh.size() != mesh.size():
+        raise ValueError(
+            f"sharded parameter on a {t.device_mesh.shape} mesh; checkpoints need all ranks on one dim"
+        )
+    return DTensor.from_local(local, mesh, t.placements, shape=t.shape, stride=t.stride(), run_check=False)
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The local elements of a loaded template (DTensor, flat piece or plain tensor)."""
+    return t.to_local() if isinstance(t, (DTensor, FlatPiece)) else t
 
 
 def plan_tensors(
@@ -109,7 +142,11 @@ def plan_tensors(
         if s.name in sp:
             p = model_sd[s.name]
             if need(f"model/{s.name}", tuple(p.shape), p.dtype, f"parameter {s.name}"):
-                templates[f"model/{s.name}"] = torch.empty(p.shape, dtype=p.dtype)
+                templates[f"model/{s.name}"] = (
+                    _dtensor_like(p, torch.empty(p.to_local().shape, dtype=p.dtype), mesh)
+                    if isinstance(p, DTensor)
+                    else torch.empty(p.shape, dtype=p.dtype)
+                )
 
     if saved["param_groups"] != here["param_groups"] and not problems:
         problems.append(
@@ -138,7 +175,7 @@ def plan_tensors(
                     templates[key] = torch.empty((), dtype=v.dtype)
             elif need(key, (s.numel,), v.dtype, what):
                 if s.shards > 1:
-                    templates[key] = shard_piece(torch.empty(s.valid, dtype=v.dtype), s.numel, mesh)
+                    templates[key] = piece_tensor(torch.empty(s.valid, dtype=v.dtype), s, mesh)
                 else:
                     templates[key] = torch.empty(s.numel, dtype=v.dtype)
     return templates
@@ -148,7 +185,11 @@ def plan_tensors(
 def load_params(opt: PieceOptimizer, model_sd: dict[str, Tensor], templates: dict[str, Tensor]) -> None:
     """Copy the loaded ``model/<param>`` tensors into the model."""
     for s in opt.shard_specs():
-        model_sd[s.name].copy_(templates[f"model/{s.name}"])
+        p = model_sd[s.name]
+        if isinstance(p, DTensor):  # a sharded parameter (FSDP2): this rank's rows
+            p.to_local().copy_(local_tensor(templates[f"model/{s.name}"]))
+        else:
+            p.copy_(templates[f"model/{s.name}"])
 
 
 def loaded_state(
@@ -163,5 +204,5 @@ def loaded_state(
         state[s.name] = {}
         for k in keys[s.name]:
             v = templates[f"optim/{s.name}/{k}"]
-            state[s.name][k] = (v.to_local() if isinstance(v, DTensor) else v).to(device)
+            state[s.name][k] = local_tensor(v).to(device)
     return state, {s.name: s.offset for s in specs}

@@ -114,8 +114,8 @@ def describe(trainer: TrainerView) -> dict[str, Any]:
     o = trainer.cfg.optimizer
     return {
         **tensors.describe_tensors(opt),
-        "optimizer": opt.name,
-        "zero_stage": opt.zero_stage,
+        "optimizer": getattr(opt, "name", o.name),
+        "zero_stage": getattr(opt, "zero_stage", trainer.cfg.distributed.zero_stage),
         "param_groups": [list(g.get("names", [])) for g in opt.param_groups],
         "optimizer_config": {k: getattr(o, k, None) for k in structural_keys(o.name)},
         "task": trainer.cfg.task.name,

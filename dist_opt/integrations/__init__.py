@@ -10,11 +10,14 @@ Which optimizer runs where, and why (details in ``deepspeed`` and ``fsdp2``):
 * deepspeed, zero stage 1/2: elementwise optimizers only (sgd, momentum, nesterov, adagrad,
   rmsprop, adam, adamw) via ``zero_allow_untested_optimizer``. DeepSpeed's ZeRO flattens each
   param group into one partition per rank, so the client optimizer never sees a layer: LARS/LAMB
-  (per-layer norms) and Shampoo (per-parameter blocks) are refused. Checkpoints: DeepSpeed's own.
+  (per-layer norms) and Shampoo (per-parameter blocks) are refused. dist-opt's checkpoints work: the
+  state of DeepSpeed's partitions is saved per parameter fragment in the native layout (``zero_state``).
 * fsdp2 (always ZeRO-3): every optimizer but Shampoo, on the local DTensor shards; LARS/LAMB norms
   exact (partial sums over shards, one all-reduce). Shampoo is refused: its blocks span the dim-0
-  shards of several ranks. DCP checkpoints of the DTensor state (the checkpoint extension does not
-  handle this layout yet).
+  shards of several ranks. dist-opt's checkpoints work (the sharded parameters under the native keys
+  and full shapes, the state per dim-0 row range).
+* checkpoints of every engine resume exactly, reshard to other world sizes and export
+  (``dist-opt export``): all use the native engine's keys and shapes.
 * SWA needs the native engine.
 * precision: every engine runs ``precision.compute: bf16`` (the trainer's autocast; parameters,
   gradients and state stay fp32). bf16 parameters with fp32 masters, bf16 gradient reduction and
@@ -46,7 +49,7 @@ def check_engine(cfg: Config, world: int | None = None) -> list[str]:
 
 
 def _features(cfg: Config) -> list[str]:
-    """Loop features that need the native engine's flat parameter/state layout."""
+    """Loop features that need the native engine (precision modes, SWA)."""
     engine, stage = cfg.distributed.engine, cfg.distributed.zero_stage
     where = f"distributed.engine={engine}" + (
         f" at distributed.zero_stage={stage}" if engine == "deepspeed" else ""
@@ -55,24 +58,6 @@ def _features(cfg: Config) -> list[str]:
     if cfg.swa.enabled:
         problems.append(
             f"swa.enabled: SWA averages the native engine's parameter shards; not available with {where}"
-        )
-    c = cfg.checkpoint
-    saving = [
-        k
-        for k, on in (
-            ("checkpoint.at_end", c.at_end),
-            ("checkpoint.every_steps", c.every_steps),
-            ("checkpoint.every_epochs", c.every_epochs),
-            ("resume", cfg.resume.strip().lower() != "none"),
-        )
-        if on
-    ]
-    if saving and not (engine == "deepspeed" and stage == 0):
-        problems.append(
-            f"{saving[0]}: dist-opt's checkpoints need the native engine's state layout, which {where} "
-            "does not have; set checkpoint.at_end=false, checkpoint.every_steps=0, "
-            "checkpoint.every_epochs=0 and resume=none"
-            + (" (DeepSpeed's own checkpoints: opt.save_checkpoint)" if engine == "deepspeed" else "")
         )
     return problems
 

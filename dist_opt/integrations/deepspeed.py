@@ -25,12 +25,12 @@ around the module call (scale each output's gradient by 1/gradient_accumulation_
 ZeRO optimizer, start DeepSpeed's backward bookkeeping), which makes ``loss.backward()`` equivalent
 to ``engine.backward(loss)``.
 
-Checkpoints: ``opt.save_checkpoint(dir, tag)`` / ``opt.load_checkpoint(dir, tag)`` use DeepSpeed's
-own format (at stage 0 its optimizer entry is the client's gathered state, loadable at any world
-size). At stage 0 the adapter also exposes the engine optimizers' state API (``shard_specs``,
-``sharded_state``, ``shard_state_dict``, ``load_state_dict``, see :mod:`dist_opt.engine.state_api`),
-so dist-opt's DCP checkpoints (the ``checkpoint.*`` keys, ``resume``) work unchanged. At stages 1/2 ``opt.state_dict()`` is DeepSpeed's
-ZeRO state of this rank (same world size only; ``load_state_dict`` is collective).
+Checkpoints: the adapter exposes the engine optimizers' state API (``shard_specs``, ``sharded_state``,
+``load_state_dict`` with ``offsets``, see :mod:`dist_opt.engine.state_api`): the client's chunks at
+stage 0, DeepSpeed's partition fragments at stages 1/2 (:mod:`.zero_state`), so dist-opt's DCP
+checkpoints (``checkpoint.*``, ``resume``) save, resume and reshard as with the native engine.
+DeepSpeed's own ``opt.save_checkpoint`` / ``opt.load_checkpoint`` work too; ``opt.state_dict()`` at
+stages 1/2 is DeepSpeed's ZeRO state of this rank (same world size only; loading is collective).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from dist_opt.config.schema import Config
 from dist_opt.engine.core import GroupOptions
 from dist_opt.engine.state_codec import ShardSpec
 from dist_opt.integrations.pieces import ChunkedOptimizer, LocalRuleOptimizer
+from dist_opt.integrations.zero_state import ZeroPartitionState
 
 #: keys dist-opt derives itself; the message says which dist-opt key to set instead
 OWNED_KEYS = {
@@ -236,6 +237,7 @@ class DeepSpeedOptimizer:
         self.zero_stage, self.accumulation = zero_stage, accumulation
         self.track_local_grad_norm = track_local_grad_norm and zero_stage == 0
         self._skipped = 0
+        self._partitions: ZeroPartitionState | None = None
         self.last_stats: dict[str, Any] = {}
         self._zero = isinstance(engine.optimizer, ZeROOptimizer)
         if self._zero and not engine._support_torch_style_backward:
@@ -323,10 +325,14 @@ class DeepSpeedOptimizer:
         return {**self.engine.optimizer.state_dict(), SKIPPED_KEY: self._skipped}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Inverse of :meth:`state_dict` (collective). Stages 1/2: DeepSpeed's loader wants every
-        rank's partition state, so they are exchanged first (as DeepSpeed's checkpoint loader does)."""
+        """Inverse of :meth:`state_dict` (collective; stages 1/2: every rank's partition state is
+        exchanged first, as DeepSpeed's loader wants), or pieces with ``offsets`` (the state API)."""
         if self.zero_stage == 0:
             self.client.load_state_dict(state_dict)
+            return
+        if "offsets" in state_dict:  # pieces by global offset (the state API's format, any world size)
+            self._state_api().load_state_dict(state_dict)
+            self._skipped = int(state_dict.get("skipped_steps", 0))
             return
         self._skipped = int(state_dict.get(SKIPPED_KEY, 0))
         everyone: list[Any] = [None] * dist.get_world_size()
@@ -335,33 +341,34 @@ class DeepSpeedOptimizer:
             everyone, load_optimizer_states=True, load_from_fp32_weights=True
         )
 
-    def shard_state_dict(self) -> dict[str, Any]:
-        """Stage 0 only: this rank's chunks in the native engine's format (for DCP checkpoints)."""
-        if self.zero_stage != 0:
-            raise NotImplementedError("at ZeRO-1/2 DeepSpeed owns the state: use save_checkpoint/state_dict")
+    def shard_state_dict(self) -> dict[str, Any]:  # stage 0 only: this rank's chunks (native format)
         return self._chunked().shard_state_dict()
 
-    # -- stage 0: the client's state in the native engine's layout (dist-opt's DCP checkpoints) ------
+    # -- the state API (dist-opt's DCP checkpoints): the client's chunks at stage 0, DeepSpeed's
+    # partition fragments at stages 1/2 (``zero_state``) ------------------------------------------
     def _chunked(self) -> ChunkedOptimizer:
         if not isinstance(self.client, ChunkedOptimizer):
             raise AttributeError(
-                "at DeepSpeed ZeRO-1/2 the optimizer state lives in DeepSpeed's flat partitions; "
-                "checkpoint with save_checkpoint()/load_checkpoint()"
+                "at DeepSpeed ZeRO-1/2 the optimizer state lives in DeepSpeed's flat partitions"
             )
         return self.client
 
-    def shard_specs(self) -> list[ShardSpec]:
-        """Stage 0: where this rank's chunk of every parameter's state lies (the native layout)."""
-        return self._chunked().shard_specs()
+    def _state_api(self) -> ChunkedOptimizer | ZeroPartitionState:
+        if self.zero_stage == 0:
+            return self._chunked()
+        if self._partitions is None:
+            assert isinstance(self.client, LocalRuleOptimizer)
+            self._partitions = ZeroPartitionState(self.engine.optimizer, self.client, self.engine.module)
+        return self._partitions
 
-    def sharded_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Stage 0: ``{param_name: {state_key: this rank's valid piece}}``."""
-        return self._chunked().sharded_state()
+    def shard_specs(self) -> list[ShardSpec]:  # this rank's piece of every parameter's state
+        return self._state_api().shard_specs()
 
-    def load_sharded_state(
-        self, state: dict[str, dict[str, torch.Tensor]], offsets: dict[str, int] | None = None
-    ) -> None:
-        """Stage 0: load pieces of the state (see ``PieceOptimizer.load_sharded_state``)."""
+    def sharded_state(self) -> dict[str, dict[str, torch.Tensor]]:  # {param: {key: valid piece}}
+        return self._state_api().sharded_state()
+
+    def load_sharded_state(self, state: dict[str, Any], offsets: dict[str, int] | None = None) -> None:
+        """Stage 0: load pieces of the state (``PieceOptimizer.load_sharded_state``)."""
         self._chunked().load_sharded_state(state, offsets)
 
     @property

@@ -188,10 +188,16 @@ class FSDP2Optimizer(PieceOptimizer):
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load DTensor state (any world size, via DCP) or full plain tensors (sliced to this shard)."""
+        """Load DTensor state (any world size, via DCP), full plain tensors (sliced to this shard) or,
+        with ``offsets``, plain pieces by global element offset (the state API's format)."""
         from torch.distributed.tensor import DTensor
 
         st = state_dict["state"]
+        if "offsets" in state_dict and not any(
+            isinstance(v, DTensor) for entry in st.values() for v in entry.values()
+        ):  # pieces by global offset (dist-opt's checkpoints, shard_state_dict of the state API)
+            super().load_state_dict(state_dict)
+            return
         pieces: dict[str, dict[str, Tensor]] = {}
         offsets: dict[str, int] = {}
         for s, p in zip(self._specs, self._dparams, strict=True):

@@ -62,6 +62,13 @@ class LocalRuleOptimizer(torch.optim.Optimizer):
             (int(st["applied_steps"]) for st in self.state.values() if "applied_steps" in st), default=0
         )
 
+    def ensure_state(self, p: Tensor) -> dict[str, Any]:
+        """``p``'s state, created by the rule (zeros, step 0) if it has none yet."""
+        if not self.state[p]:
+            self.state[p].update({k: v[0] for k, v in self.rule.init_state([p]).items()})
+            self.state[p]["applied_steps"] = 0
+        return self.state[p]
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
         if closure is not None:
@@ -71,9 +78,7 @@ class LocalRuleOptimizer(torch.optim.Optimizer):
             if not params:
                 continue
             for p in params:
-                if not self.state[p]:
-                    self.state[p].update({k: v[0] for k, v in self.rule.init_state([p]).items()})
-                    self.state[p]["applied_steps"] = 0
+                self.ensure_state(p)
             t = self.state[params[0]]["applied_steps"] + 1
             names = [k for k in self.state[params[0]] if k != "applied_steps"]
             shard = GroupShard(
