@@ -341,7 +341,7 @@ def test_missing_config_files_are_named(name):
 
 
 # -- command lines -------------------------------------------------------------------------------------------
-COMMANDS = {"train", "launch", "schedule", "report", "plan", "-h", "--help"}
+COMMANDS = {"train", "launch", "schedule", "report", "plan", "export", "init", "-V", "--version", "-h", "--help"}
 
 
 @FUZZ
