@@ -23,6 +23,7 @@ After every attempt the processes of that attempt (marked through their environm
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -66,9 +67,9 @@ class Settings:
     steps: int = 260
     every: int = 5  # checkpoint.every_steps
     nproc: int = 2
-    timeout_s: float = 10.0  # distributed.timeout_s (a stalled rank is detected after this)
+    timeout_s: float = 15.0  # distributed.timeout_s (a stalled rank is detected after this)
     step_sleep: float = 0.03  # test hook: seconds slept after every step, so faults land mid-run
-    end_wait_s: float = 150.0  # an attempt that has not ended this long after its fault is hung
+    end_wait_s: float = 300.0  # an attempt that has not ended this long after its fault is hung
 
     def overrides(self, out_dir: Path) -> list[str]:
         return [
@@ -239,8 +240,16 @@ def wait_for_step(
 class ChaosRun:
     """The run directory, the attempts and the faults of one chaos run (see the module docstring)."""
 
-    def __init__(self, work: Path, settings: Settings, seed: int, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        work: Path,
+        settings: Settings,
+        seed: int,
+        log: Callable[[str], None] = print,
+        in_process_reference: bool = False,
+    ):
         self.work, self.settings, self.log = work, settings, log
+        self.in_process_reference = in_process_reference
         self.rng = random.Random(seed + 1)
         self.disk = cf.SmallDisk(work / "disk")
         self.cfg = work / "config.yaml"
@@ -292,7 +301,7 @@ class ChaosRun:
         target = self.target(resumed)
         if kind == "disk_full":  # just after a checkpoint: the next save is the one that fails
             target += (1 - target) % s.every
-        step = wait_for_step(self.run_dir, target, attempt, inode, 120.0)
+        step = wait_for_step(self.run_dir, target, attempt, inode, 600.0)
         if step < 0:
             rec.note = f"the attempt ended or stalled before step {target}"
             return
@@ -311,8 +320,7 @@ class ChaosRun:
             cf.send(attempt.proc.pid, signal.SIGTERM)
         elif kind == "disk_full":
             self.disk.fill(leave_bytes=192 * 1024)
-            rec.at_step = (step // s.every + 1) * s.every
-            rec.note = f"{self.disk.free_bytes() // 1024} KiB left"
+            rec.note = f"filled after step {step}, {self.disk.free_bytes() // 1024} KiB left"
 
     def fault(self, kind: str) -> FaultRecord:
         rec = FaultRecord(kind)
@@ -321,7 +329,8 @@ class ChaosRun:
         code, orphans = self.end(attempt, self.settings.end_wait_s)
         rec.exit_code, rec.orphans = code, orphans
         rec.last_step = cf.last_step(self.run_dir)
-        if kind == "disk_full":
+        if kind == "disk_full":  # the save that failed is the last step reached (its line comes first)
+            rec.at_step = rec.last_step
             self.disk.clear()
         if kind == "corrupt_checkpoint":
             hit = cf.corrupt_newest(self.run_dir)
@@ -362,9 +371,20 @@ class ChaosRun:
         return result
 
     def reference(self) -> Path:
-        """The same config uninterrupted (2 ranks through the CLI, resume none)."""
+        """The same config uninterrupted (resume none): ``nproc`` ranks through the CLI, or with
+        ``in_process_reference`` one rank in this process that takes both ranks' micro-batches in turn
+        (gradient accumulation; bit for bit the same sums, and no launch to pay for)."""
         ref = self.work / "reference"
         args = [*self.settings.overrides(ref), "resume=none"]
+        if self.in_process_reference:
+            from dist_opt.train import main
+
+            with (self.work / "logs" / "reference.log").open("w") as fh:
+                with contextlib.redirect_stderr(fh), contextlib.redirect_stdout(fh):
+                    code = main([str(self.cfg), *args, "distributed.nproc=1"])
+            if code != 0:
+                raise RuntimeError(f"the reference run failed (exit {code})")
+            return ref
         attempt = Attempt(self.cfg, args, f"{self.token_base}-ref", self.work / "logs" / "reference.log", {})
         code, _ = self.end(attempt, 600.0)
         if code != 0:
@@ -388,9 +408,14 @@ def compare_params(a: Path, b: Path) -> tuple[bool, list[str]]:
 
 
 def run_chaos(
-    work: Path, kinds: list[str], settings: Settings, seed: int, log: Callable[[str], None] = print
+    work: Path,
+    kinds: list[str],
+    settings: Settings,
+    seed: int,
+    log: Callable[[str], None] = print,
+    in_process_reference: bool = False,
 ) -> ChaosResult:
     """The chaos run in ``work`` (a fresh folder): the faults ``kinds`` in that order, the final attempt,
-    the reference run and the comparison."""
+    the reference run (see :meth:`ChaosRun.reference`) and the comparison."""
     work.mkdir(parents=True, exist_ok=True)
-    return ChaosRun(work, settings, seed, log).run(kinds)
+    return ChaosRun(work, settings, seed, log, in_process_reference).run(kinds)
