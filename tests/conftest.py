@@ -30,6 +30,7 @@ SPAWNING_FIXTURES = {"world2", "world3"}
 MULTINODE_MODULES = {"test_launch_multinode"}
 DIST_MODULES = {
     "test_bench_step",  # benchmark ranks
+    "test_chaos",  # launches killed, signalled, stalled and resumed
     "test_checkpoint",  # torchrun restarts, killed ranks
     "test_engine_checkpoints",  # DCP checkpoints of fsdp2 / DeepSpeed ZeRO-1/2 runs, resumed and resharded
     "test_engines",  # DeepSpeed / FSDP2 on gloo ranks, the real deepspeed launcher

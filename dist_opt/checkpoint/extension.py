@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,9 +117,10 @@ class CheckpointExtension(Extension):
             return
         from torch.distributed.device_mesh import DeviceMesh
 
-        # checkpoint I/O has its own gloo group: CPU copies whatever the training backend, and an
-        # async save's collectives never interleave with the training loop's
-        self.group = dist.new_group(backend="gloo")
+        # checkpoint I/O has its own gloo group (CPU copies whatever the training backend; async saves never
+        # interleave with the loop's collectives), with the run's timeout: not gloo's 30 min for a stalled peer
+        timeout = timedelta(seconds=self.cfg.distributed.timeout_s)
+        self.group = dist.new_group(backend="gloo", timeout=timeout)
         self.mesh = DeviceMesh.from_group(self.group, "cpu")
         folder = resolve_agreed(self.cfg, self.root, self.rank, self.group, report=_say)
         if folder is None:
