@@ -66,7 +66,12 @@ declare_key(
 )
 declare_key("grafting_beta2", Unit, "beta2 of the graft method.")
 declare_key("grafting_eps", PosFloat, "Epsilon of the graft method.")
-declare_key("preconditioner_dtype", Literal["float32", "float64"], "Dtype of statistics and root inverses.")
+declare_key(
+    "preconditioner_dtype",
+    Literal["float32", "float64", "bfloat16"],
+    "Dtype of statistics and root inverses; bfloat16 keeps them float32 and runs the "
+    "preconditioning matmuls in bfloat16.",
+)
 declare_key(
     "nesterov",
     bool,
