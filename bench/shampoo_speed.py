@@ -138,18 +138,19 @@ def time_rank(rank: int, world: int, which: str, batch: int, warmup: int, steps:
     g = torch.Generator().manual_seed(100 + rank)
     x, y = torch.randn(batch, 512, generator=g), torch.randn(batch, 512, generator=g)
     net, opt = _optimizer(which, model, start=warmup)
-    rec: dict[str, list] = {"wall": [], "refresh": []}
+    rec: dict[str, list] = {"wall": [], "cpu": [], "refresh": []}
     for step in range(1, warmup + steps + 1):
         if step == warmup + 1:
             rates = {"fp32": probe("float32"), "bf16": probe("bfloat16")}
             dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         nn.functional.mse_loss(net(x), y).backward()
         opt.step()
         opt.zero_grad()
         if step <= warmup:
             continue
         rec["wall"].append(time.perf_counter() - t0)
+        rec["cpu"].append(time.process_time() - c0)
         if which == "meta":
             rec["refresh"].append(step % META_FREQ == 0)
         st = getattr(opt, "last_stats", {})
@@ -172,9 +173,10 @@ def time_rank(rank: int, world: int, which: str, batch: int, warmup: int, steps:
     return info
 
 
-def summarize(ranks: list[dict]) -> dict:
-    n = len(ranks[0]["wall"])
-    wall = [max(r["wall"][i] for r in ranks) for i in range(n)]
+def summarize(ranks: list[dict], clock: str = "wall") -> dict:
+    """Ordinary / refresh / worst / amortized step of one run by ``clock`` ("wall" or "cpu")."""
+    n = len(ranks[0][clock])
+    wall = [max(r[clock][i] for r in ranks) for i in range(n)]
     flags = [any(r["refresh"][i] for r in ranks) for i in range(n)] if ranks[0]["refresh"] else [False] * n
     normal = [w for w, f in zip(wall, flags, strict=True) if not f] or wall
     ref = [w for w, f in zip(wall, flags, strict=True) if f]
@@ -216,6 +218,7 @@ def report(res: dict, load: tuple[float, float], wall_s: float, cmd: str) -> lis
     info = machine_info()
     ms = lambda s: f"{s * 1e3:.0f} ms"  # noqa: E731
     sums = {k: summarize(v) for k, v in res.items()}
+    cpus = {k: summarize(v, "cpu") for k, v in res.items()}
     lines = [
         "## Speed",
         "",
@@ -227,31 +230,34 @@ def report(res: dict, load: tuple[float, float], wall_s: float, cmd: str) -> lis
         "`bench/shampoo_speed.py` for how each column is obtained (wall time per step, max over ranks; "
         "medians of ordinary and of refresh steps).",
         "",
-        "| run | batch/rank | ordinary step | refresh step | worst step | amortized (f=100) | state/rank |",
-        "|---|---|---|---|---|---|---|",
+        "| run | batch/rank | ordinary step | refresh step | worst step | amortized (f=100) | amortized CPU "
+        "time | state/rank |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for k, s in sums.items():
         name, batch = k.split("@")
         r = res[k][0]
         lines.append(
             f"| {name} | {batch} | {ms(s['normal'])} | {ms(s['refresh']) if s['refresh'] else '—'} | "
-            f"{ms(s['max'])} | **{ms(s['amortized'])}** | {fmt_bytes(max(x['state_bytes'] for x in res[k]))} "
+            f"{ms(s['max'])} | **{ms(s['amortized'])}** | {ms(cpus[k]['amortized'])} | {fmt_bytes(max(x['state_bytes'] for x in res[k]))} "
             f"({r['state_bytes']:,} B) |"
         )
     lines.append("")
-    ratios = []
-    for b in ("32", "2048"):
-        base = sums.get(f"adamw@{b}")
-        meta = sums.get(f"meta@{b}")
-        for v in ("distopt", "distopt-bf16"):
-            s = sums.get(f"{v}@{b}")
-            if s is None:
-                continue
-            part = f"{v} at batch {b}: {s['amortized'] / base['amortized']:.2f}× DDP+AdamW" if base else ""
-            if meta:
-                part += f", **{s['amortized'] / meta['amortized']:.2f}× Meta**"
-            ratios.append(part)
-    lines += ["Ratios of amortized steps: " + "; ".join(ratios) + ".", ""]
+    for label, table in (("wall", sums), ("CPU time (robust to load)", cpus)):
+        ratios = []
+        for b in ("32", "2048"):
+            base, meta = table.get(f"adamw@{b}"), table.get(f"meta@{b}")
+            for v in ("distopt", "distopt-bf16"):
+                s = table.get(f"{v}@{b}")
+                if s is None:
+                    continue
+                part = f"{v} at batch {b}: " + (
+                    f"{s['amortized'] / base['amortized']:.2f}× DDP+AdamW" if base else ""
+                )
+                if meta:
+                    part += f", **{s['amortized'] / meta['amortized']:.2f}× Meta**"
+                ratios.append(part)
+        lines += [f"Ratios of amortized steps by {label}: " + "; ".join(ratios) + ".", ""]
     lines += [
         "Where dist-opt's Shampoo time goes (per rank per step, median over the window; preconditioner "
         "work vs the matmul probe run in the same process):",
@@ -286,16 +292,15 @@ def report(res: dict, load: tuple[float, float], wall_s: float, cmd: str) -> lis
 
 
 def write_section(lines: list[str], path: Path) -> None:
-    """Replace (or append) the ``## Speed`` section of the results file."""
+    """Replace (or append) the section of the results file whose heading is ``lines[0]``."""
     old = path.read_text(encoding="utf-8") if path.exists() else "# Distributed Shampoo vs AdamW\n"
-    head, sep, tail = old.partition("## Speed\n")
+    head, sep, tail = old.partition(lines[0] + "\n")
     rest = ""
     if sep:
         nxt = tail.find("\n## ")
         rest = tail[nxt + 1 :] if nxt >= 0 else ""
-    path.write_text(
-        head.rstrip("\n") + "\n\n" + "\n".join(lines) + ("\n" + rest if rest else ""), encoding="utf-8"
-    )
+    text = head.rstrip("\n") + "\n\n" + "\n".join(lines) + ("\n" + rest if rest else "")
+    path.write_text(text, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,7 +56,9 @@ declare_key(
 declare_key(
     "max_preconditioner_dim", PosInt, "Split dims larger than this into blocks; merge small dims up to it."
 )
-declare_key("precondition_frequency", PosInt, "Recompute root inverses every k steps.")
+declare_key(
+    "precondition_frequency", PosInt, "Recompute root inverses every k steps (staggered across blocks)."
+)
 declare_key("start_preconditioning_step", PosInt, "Use the graft step before this step.")
 declare_key("exponent_override", PosFloat, "Root exponent override (default 1/(2k) for order-k blocks).")
 declare_key(
