@@ -187,7 +187,8 @@ def summarize(ranks: list[dict], clock: str = "wall") -> dict:
     return out
 
 
-def run_all(quick: bool) -> dict:
+def run_all(quick: bool, only: list[str] | None = None) -> dict:
+    """Time every configuration (``only``: just these keys, e.g. ["adamw@2048", "distopt@2048"])."""
     res: dict[str, Any] = {}
     s32, s2k = (4, 2) if quick else (20, 5)
     plan = [
@@ -199,7 +200,9 @@ def run_all(quick: bool) -> dict:
         ("distopt@2048", "distopt", 2048, 3, s2k + 1),
         ("distopt-bf16@2048", "distopt-bf16", 2048, 3, s2k + 1),
     ]
-    if quick:
+    if only:
+        plan = [p for p in plan if p[0] in only]
+    elif quick:
         plan = [p for p in plan if p[2] == 32]
     for key, which, batch, warmup, steps in plan:
         if which == "meta":
@@ -306,6 +309,7 @@ def write_section(lines: list[str], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="batch 32 only, few steps, printed only")
+    ap.add_argument("--only", help="comma-separated run keys, e.g. adamw@2048,distopt@2048 (printed only)")
     ap.add_argument("--meta-path", help="directory holding Meta's distributed_shampoo package")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -315,10 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     limit_threads()
     cmd = "python bench/shampoo_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     t0, load0 = time.time(), os.getloadavg()[0]
-    res = run_all(args.quick)
+    only = args.only.split(",") if args.only else None
+    res = run_all(args.quick, only)
     lines = report(res, (load0, os.getloadavg()[0]), time.time() - t0, cmd.strip())
     print("\n".join(lines))
-    if not args.quick:
+    if not (args.quick or only):
         write_section(lines, args.out)
     return 0
 
