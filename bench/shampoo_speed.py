@@ -41,7 +41,14 @@ from bench.common import fmt_bytes, limit_threads, machine_info, make_25m_model,
 
 RESULTS = Path(__file__).resolve().parent / "results" / "shampoo.md"
 FREQ = 100
-META_FREQ = 5
+META_FREQ_ENV = "SHAMPOO_BENCH_META_FREQUENCY"  # set by --meta-frequency, read in the ranks
+
+
+def meta_freq() -> int:
+    """Meta's precondition_frequency (= its start step) in the timing run (default 5)."""
+    return int(os.environ.get(META_FREQ_ENV, "5"))
+
+
 HP = {"lr": 1e-4, "weight_decay": 0.01}
 
 
@@ -105,8 +112,8 @@ def _optimizer(which: str, model: Any, start: int) -> tuple[Any, Any]:
             betas=(0.9, 1.0),
             epsilon=1e-12,
             max_preconditioner_dim=1024,
-            precondition_frequency=META_FREQ,
-            start_preconditioning_step=META_FREQ,
+            precondition_frequency=meta_freq(),
+            start_preconditioning_step=meta_freq(),
             grafting_config=AdamPreconditionerConfig(beta2=0.999, epsilon=1e-8),
             distributed_config=DDPDistributedConfig(communication_dtype=torch.float32),
             **HP,
@@ -152,7 +159,7 @@ def time_rank(rank: int, world: int, which: str, batch: int, warmup: int, steps:
         rec["wall"].append(time.perf_counter() - t0)
         rec["cpu"].append(time.process_time() - c0)
         if which == "meta":
-            rec["refresh"].append(step % META_FREQ == 0)
+            rec["refresh"].append(step % meta_freq() == 0)
         st = getattr(opt, "last_stats", {})
         if which.startswith("distopt"):
             rec["refresh"].append(bool(st.get("shampoo/refresh", 0)))
@@ -195,7 +202,7 @@ def run_all(quick: bool, only: list[str] | None = None) -> dict:
         ("adamw@32", "adamw", 32, 3, s32),
         ("distopt@32", "distopt", 32, 3, s32),
         ("distopt-bf16@32", "distopt-bf16", 32, 3, s32),
-        ("meta@32", "meta", 32, META_FREQ, 6 if quick else 10),
+        ("meta@32", "meta", 32, meta_freq(), 4 if quick else 10),
         ("adamw@2048", "adamw", 2048, 1, s2k),
         ("distopt@2048", "distopt", 2048, 3, s2k + 1),
         ("distopt-bf16@2048", "distopt-bf16", 2048, 3, s2k + 1),
@@ -310,12 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="batch 32 only, few steps, printed only")
     ap.add_argument("--only", help="comma-separated run keys, e.g. adamw@2048,distopt@2048 (printed only)")
+    ap.add_argument("--meta-frequency", type=int, default=5, help="Meta's frequency = start step while timed")
     ap.add_argument("--meta-path", help="directory holding Meta's distributed_shampoo package")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if args.meta_path:
         sys.path.insert(0, args.meta_path)
         os.environ["PYTHONPATH"] = os.pathsep.join([args.meta_path, os.environ.get("PYTHONPATH", "")])
+    os.environ[META_FREQ_ENV] = str(args.meta_frequency)
     limit_threads()
     cmd = "python bench/shampoo_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     t0, load0 = time.time(), os.getloadavg()[0]
