@@ -180,6 +180,52 @@ def time_rank(rank: int, world: int, which: str, batch: int, warmup: int, steps:
     return info
 
 
+def kernel_check(reps: int = 5) -> list[str]:
+    """One 1024×512 block's ordinary-step matrix work through the rule's own functions vs the matmul
+    probe, both in thread CPU time (robust to other processes on the cores), fp32 and bf16."""
+    import torch
+
+    from dist_opt.optim.shampoo import block_math
+    from dist_opt.optim.shampoo.blocks import BlockState
+
+    limit_threads()
+    g = torch.randn(1024, 512)
+    st_f, pre_f = block_flops([(1024, 512)])
+    lines = ["| preconditioning dtype | statistics | preconditioning | matmul probe fp32 / bf16 | achieved |"]
+    lines.append("|---|---|---|---|---|")
+    for mm in (None, torch.bfloat16):
+        st = BlockState(
+            [torch.zeros(1024, 1024), torch.zeros(512, 512)], [None, None], None, None, 0, [1.0, 1.0]
+        )
+        block_math.accumulate(st, g, 1.0, torch.float32)
+        block_math.refresh(st, 0.25, 1e-12, mm)
+        cpu: dict[str, float] = {}
+
+        def clock(name: str, fn: Any, cpu: dict[str, float] = cpu) -> None:
+            fn()
+            t = []
+            for _ in range(reps):
+                c0 = time.thread_time()
+                fn()
+                t.append(time.thread_time() - c0)
+            cpu[name] = statistics.median(t)
+
+        clock("stats", lambda st=st: block_math.accumulate(st, g, 1.0, torch.float32))
+        clock("pre", lambda st=st: block_math.precondition(st, g, torch.float32))
+        a32, b32 = torch.randn(1024, 1024), torch.randn(1024, 512)
+        a16, b16 = a32.bfloat16(), b32.bfloat16()
+        clock("p32", lambda a=a32, b=b32: a @ b)
+        clock("p16", lambda a=a16, b=b16: a @ b)
+        r32, r16 = 2 * 1024 * 1024 * 512 / cpu["p32"], 2 * 1024 * 1024 * 512 / cpu["p16"]
+        ideal = st_f / r32 + pre_f / (r16 if mm else r32)
+        lines.append(
+            f"| {'bfloat16' if mm else 'float32'} | {cpu['stats'] * 1e3:.1f} ms ({st_f / cpu['stats'] / 1e9:.0f} "
+            f"GFLOP/s) | {cpu['pre'] * 1e3:.1f} ms ({pre_f / cpu['pre'] / 1e9:.0f} GFLOP/s) | {r32 / 1e9:.0f} / "
+            f"{r16 / 1e9:.0f} GFLOP/s | **{ideal / (cpu['stats'] + cpu['pre']):.0%}** |"
+        )
+    return lines
+
+
 def summarize(ranks: list[dict], clock: str = "wall") -> dict:
     """Ordinary / refresh / worst / amortized step of one run by ``clock`` ("wall" or "cpu")."""
     n = len(ranks[0][clock])
@@ -317,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="batch 32 only, few steps, printed only")
     ap.add_argument("--only", help="comma-separated run keys, e.g. adamw@2048,distopt@2048 (printed only)")
+    ap.add_argument("--kernel", action="store_true", help="only the one-block CPU-time kernel check")
     ap.add_argument("--meta-frequency", type=int, default=5, help="Meta's frequency = start step while timed")
     ap.add_argument("--meta-path", help="directory holding Meta's distributed_shampoo package")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -325,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, args.meta_path)
         os.environ["PYTHONPATH"] = os.pathsep.join([args.meta_path, os.environ.get("PYTHONPATH", "")])
     os.environ[META_FREQ_ENV] = str(args.meta_frequency)
+    if args.kernel:
+        print("\n".join(kernel_check()))
+        return 0
     limit_threads()
     cmd = "python bench/shampoo_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     t0, load0 = time.time(), os.getloadavg()[0]
