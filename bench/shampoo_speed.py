@@ -94,6 +94,8 @@ def _state_bytes(obj: Any, seen: set[int]) -> int:
             return 0
         seen.add(t.data_ptr())
         return t.numel() * t.element_size()
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):  # e.g. Meta's per-block dataclasses
+        return _state_bytes(vars(obj), seen)
     return 0
 
 
