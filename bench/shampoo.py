@@ -50,7 +50,13 @@ SHAMPOO_HP = {"regression": {"precondition_frequency": 10}, "digits": {"precondi
 
 # -- steps to target -------------------------------------------------------------------------------
 def steps_to_target(
-    task_kind: str, name: str, lr: float, seed: int, kappa: float = 1.0, max_steps: int | None = None
+    task_kind: str,
+    name: str,
+    lr: float,
+    seed: int,
+    kappa: float = 1.0,
+    max_steps: int | None = None,
+    extra_hp: dict | None = None,
 ) -> int | None:
     """Optimizer steps until the held-out loss first reaches the target (checked every few steps)."""
     import torch
@@ -67,7 +73,7 @@ def steps_to_target(
         cfg = TaskConfig(name="digits")
     task = build_task(cfg, seed)
     model = task.build_model()
-    hp = SHAMPOO_HP[task_kind] if name == "shampoo" else {}
+    hp = {**SHAMPOO_HP[task_kind], **(extra_hp or {})} if name == "shampoo" else {}
     opt = ShardedOptimizer(model.named_parameters(), name, lr=lr, weight_decay=0.0, **hp)
     ev = task.eval_batch(torch.arange(min(task.eval_size, 2048)))
     g = torch.Generator().manual_seed(seed)
@@ -139,6 +145,38 @@ def target_table(title: str, res: dict, max_steps: int) -> list[str]:
             f"Tuned: AdamW {statistics.mean(av):.0f} steps (lr {alr:g}) vs Shampoo "
             f"{statistics.mean(sv):.0f} steps (lr {slr:g}): **{ratio:.1f}× fewer steps** with Shampoo.",
         ]
+    return lines + [""]
+
+
+def dtype_study(seeds: list[int], quick: bool = False) -> list[str]:
+    """Steps to target of Shampoo with float32 vs bfloat16 preconditioning matmuls, same lr grids."""
+    lines = [
+        "## bfloat16 preconditioning: steps to target",
+        "",
+        "`preconditioner_dtype: bfloat16` keeps statistics and roots in float32 and runs the "
+        "preconditioning products in bfloat16; everything else as above (Shampoo's lr grid, 3 seeds). "
+        "Steps are independent of machine load.",
+        "",
+        "| problem | dtype | best lr | steps (seeds) | mean |",
+        "|---|---|---|---|---|",
+    ]
+    cases = [("regression", 1e3), ("regression", 1e4), ("digits", 1.0)]
+    for kind, kappa in cases[:1] if quick else cases:
+        spec = REGRESSION if kind == "regression" else DIGITS
+        max_steps = 300 if quick else spec["max_steps"]
+        title = f"regression κ={kappa:.0e}" if kind == "regression" else "digits"
+        for dtype in ("float32", "bfloat16"):
+            per_lr = {
+                lr: [
+                    steps_to_target(kind, "shampoo", lr, s, kappa, max_steps, {"preconditioner_dtype": dtype})
+                    for s in seeds
+                ]
+                for lr in spec["lrs"]["shampoo"]
+            }
+            lr, v = best(per_lr)
+            mean = "—" if any(x is None for x in v) else f"{statistics.mean(v):.0f}"
+            lines.append(f"| {title} | {dtype} | {lr:g} | {fmt_steps(v)} | {mean} |")
+            print(lines[-1], file=sys.stderr, flush=True)
     return lines + [""]
 
 
@@ -332,7 +370,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--skip-targets", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--dtype-study",
+        action="store_true",
+        help="only the float32 vs bfloat16 steps-to-target study (replaces its section of the results)",
+    )
     args = ap.parse_args(argv)
+    if args.dtype_study:
+        from bench.shampoo_speed import write_section
+
+        lines = dtype_study(list(range(1 if args.quick else args.seeds)), args.quick)
+        print("\n".join(lines))
+        if not args.quick:
+            write_section(lines, args.out)
+        return 0
     limit_threads()
     seeds = list(range(1 if args.quick else args.seeds))
     steps, warmup, freq = (12, 2, 5) if args.quick else (args.steps, args.warmup, args.frequency)

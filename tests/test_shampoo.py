@@ -164,6 +164,25 @@ def ref_root(h: torch.Tensor, e: float, eps: float) -> torch.Tensor:
     return q @ torch.diag(lam**-e) @ q.T
 
 
+def ref_phases(named, max_dim: int, frequency: int) -> dict:
+    """Refresh phase of every (name, block) of a matrix parameter: largest root cost
+    (Σ d³) first (ties: by block key), each into the phase with the least root cost so far (ties: lowest phase)."""
+    cost = {}
+    for name, p in named:
+        cells = ref_cells(tuple(p.shape), max_dim)
+        slices = [()] if cells is None else cells[1]
+        for k, sl in enumerate(slices):
+            cost[(name, k)] = 0 if cells is None else sum((s.stop - s.start) ** 3 for s in sl)
+    load = [0] * frequency
+    out = {}
+    for key in sorted(cost, key=lambda key: (-cost[key], f"{key[0]}/{key[1]}")):
+        if cost[key]:
+            ph = min(range(frequency), key=lambda i: (load[i], i))
+            out[key], load[ph] = ph, load[ph] + cost[key]
+    used = sorted(set(out.values()))  # used phases spaced evenly over the period
+    return {key: used.index(ph) * frequency // len(used) for key, ph in out.items()}
+
+
 def mode_apply(x: torch.Tensor, mat: torch.Tensor, i: int) -> torch.Tensor:
     """x ×_i mat: multiply mode i of x by the matrix."""
     xi = x.movedim(i, 0)
@@ -200,6 +219,7 @@ class RefShampoo:
         self.graft, self.gb2, self.geps, self.nesterov = grafting, grafting_beta2, grafting_eps, nesterov
         self.t = 0
         self.st: dict = {}
+        self.phase = ref_phases(self.named, max_dim, precondition_frequency)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -247,7 +267,7 @@ class RefShampoo:
                             s["h"][i] + gg if self.b2 == 1 else self.b2 * s["h"][i] + (1 - self.b2) * gg
                         )
                     if t >= self.start:
-                        if (t - self.start) % self.f == 0:
+                        if t == self.start or (t - self.start) % self.f == self.phase[(name, k)]:
                             e = self.e_over if self.e_over is not None else 1 / (2 * order)
                             s["r"] = [ref_root(h, e, self.eps) for h in s["h"]]
                         ds = m
@@ -641,7 +661,7 @@ def test_registry_builds_shampoo_with_defaults_and_validates():
     with pytest.raises(ValueError, match="optimizer.exponent_override"):
         build_shampoo(exponent_override=4)
     with pytest.raises(ValueError, match="optimizer.preconditioner_dtype"):
-        build_shampoo(preconditioner_dtype="bfloat16")
+        build_shampoo(preconditioner_dtype="float16")
 
 
 # -- it helps where it should ---------------------------------------------------------------------

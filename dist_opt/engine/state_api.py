@@ -176,8 +176,10 @@ class ShardStateAPI:
         self._load_counters(state_dict)
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state held by this rank."""
-        return sum(t.numel() * t.element_size() for v in self.shard_state.values() for t in v)
+        """Bytes of optimizer state held by this rank (with state a rule keeps itself, e.g. Shampoo's blocks)."""
+        own = getattr(self.rule, "state_bytes", None)  # rules that keep state outside shard_state
+        rule_bytes = int(own()) if callable(own) else 0
+        return rule_bytes + sum(t.numel() * t.element_size() for v in self.shard_state.values() for t in v)
 
     def _counters(self) -> dict[str, Any]:
         return {

@@ -56,7 +56,9 @@ declare_key(
 declare_key(
     "max_preconditioner_dim", PosInt, "Split dims larger than this into blocks; merge small dims up to it."
 )
-declare_key("precondition_frequency", PosInt, "Recompute root inverses every k steps.")
+declare_key(
+    "precondition_frequency", PosInt, "Recompute root inverses every k steps (staggered across blocks)."
+)
 declare_key("start_preconditioning_step", PosInt, "Use the graft step before this step.")
 declare_key("exponent_override", PosFloat, "Root exponent override (default 1/(2k) for order-k blocks).")
 declare_key(
@@ -66,7 +68,12 @@ declare_key(
 )
 declare_key("grafting_beta2", Unit, "beta2 of the graft method.")
 declare_key("grafting_eps", PosFloat, "Epsilon of the graft method.")
-declare_key("preconditioner_dtype", Literal["float32", "float64"], "Dtype of statistics and root inverses.")
+declare_key(
+    "preconditioner_dtype",
+    Literal["float32", "float64", "bfloat16"],
+    "Dtype of statistics and root inverses; bfloat16 keeps them float32 and runs the "
+    "preconditioning matmuls in bfloat16.",
+)
 declare_key(
     "nesterov",
     bool,

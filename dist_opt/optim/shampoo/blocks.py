@@ -38,6 +38,7 @@ class BlockInfo:
     block: Block
     owner: int
     offset: int  # into the owner's send buffer
+    phase: int = 0  # root refresh phase within a precondition period (see ``schedule``)
 
     @property
     def diagonal(self) -> bool:
@@ -54,9 +55,11 @@ class BlockState:
     graft: Tensor | None  # graft second moment A (param dtype), adam/rmsprop/adagrad
     root_failures: int = 0
     condition: list[float] = field(default_factory=list)  # latest estimate per factor (1.0 = identity)
+    mm_roots: list[Tensor | None] = field(default_factory=list)  # low-precision root copies (bfloat16 option)
 
     def tensors(self) -> list[Tensor]:
-        out = list(self.factors) + [r for r in self.roots if r is not None]
+        """Every tensor this block holds (what ``Shampoo.state_bytes`` counts)."""
+        out = list(self.factors) + [r for r in self.roots + self.mm_roots if r is not None]
         return out + [t for t in (self.momentum, self.graft) if t is not None]
 
 

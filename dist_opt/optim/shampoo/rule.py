@@ -10,9 +10,12 @@ Update of one block with gradient G at step t (Gupta et al. 2018; Anil et al. 20
     t <  start:  D = D_graft
     p = p·(1 - lr·wd) - lr·D                        decoupled weight decay; lr, wd, betas read each step
 
-Roots are recomputed on steps start, start + f, start + 2f, ... (f = ``precondition_frequency``)
-and are the identity until the first refresh; a failed root keeps the previous one (see
-``matrix_root``). 1-D parameters are diagonal blocks: graft method only (SGD direction M for
+Every block's roots are recomputed on step ``start`` and then once every f steps
+(f = ``precondition_frequency``) at the block's own phase, staggered across blocks so each step
+pays about 1/f of the eigendecompositions (see ``schedule``); they are the identity until the
+first refresh, and a failed root keeps the previous one (see ``matrix_root``). With
+``preconditioner_dtype: bfloat16`` the preconditioning products run in bfloat16 on float32
+statistics and roots (see ``block_math``). 1-D parameters are diagonal blocks: graft method only (SGD direction M for
 grafting "none"). With the graft step alone (t < start) the rule is exactly the graft optimizer:
 Adam/AdamW, NAdam (nesterov), Adagrad, RMSProp or SGD.
 
@@ -22,8 +25,8 @@ Every block (diagonal ones included) is owned by one rank chosen by the cost mod
 computes its new values, which it packs into a send buffer (padded to the largest rank's size).
 One ``all_gather`` per step gives every rank every block's new value, which all ranks copy into
 the parameters — so parameters stay bit-identical across ranks. Root refreshes happen on the
-owners, so their cost is spread like the rest. On refresh steps one more small all-reduce
-collects the health statistics ``shampoo/root_failures`` (cumulative) and
+owners, so their cost is spread like the rest. On steps where any block refreshes one more small
+all-reduce collects the health statistics ``shampoo/root_failures`` (cumulative) and
 ``shampoo/max_condition`` (largest condition estimate of any preconditioner statistic).
 
 Hyper-parameter defaults are declared once, with the optimizer, in ``dist_opt.optim.catalog``.
@@ -41,16 +44,18 @@ from torch import Tensor
 
 from dist_opt.optim.base import GroupShard, Rule, StepContext, group_betas
 from dist_opt.optim.registry import rule_spec
-from dist_opt.optim.shampoo.assignment import assign, block_cost
+from dist_opt.optim.shampoo import block_math
+from dist_opt.optim.shampoo.assignment import assign, block_cost, root_cost
 from dist_opt.optim.shampoo.blocking import Block, LayerBlocking, block_layer, block_view
 from dist_opt.optim.shampoo.blocks import BlockInfo, BlockState, factor_names, load_block, save_block
 from dist_opt.optim.shampoo.grafting import GRAFTS, STATEFUL_GRAFTS, first_moment, graft_direction
-from dist_opt.optim.shampoo.matrix_root import gram_update_, inverse_root
+from dist_opt.optim.shampoo.schedule import refresh_phases, refreshes_at
 
 __all__ = ["DTYPES", "GRAFTS", "BlockInfo", "BlockState", "Shampoo", "factor_names"]
 
 _D = rule_spec("shampoo").hyper  # the declared defaults
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.float32}  # statistics, roots
+MM_DTYPES = {"bfloat16": torch.bfloat16}  # preconditioning products, where not the statistics' dtype
 
 
 class Shampoo(Rule):
@@ -98,7 +103,7 @@ class Shampoo(Rule):
             raise ValueError(f"optimizer.grafting_beta2: must be in [0, 1], got {grafting_beta2}")
         if preconditioner_dtype not in DTYPES:
             raise ValueError(
-                f"optimizer.preconditioner_dtype: expected float32 or float64, got {preconditioner_dtype!r}"
+                f"optimizer.preconditioner_dtype: expected float32, float64 or bfloat16, got {preconditioner_dtype!r}"
             )
         self.betas = (b1, b2)
         self.eps = float(eps)
@@ -110,6 +115,7 @@ class Shampoo(Rule):
         self.graft_beta2 = float(grafting_beta2)
         self.graft_eps = float(grafting_eps)
         self.pdtype = DTYPES[preconditioner_dtype]
+        self.mm_dtype = MM_DTYPES.get(preconditioner_dtype)
         self.nesterov = bool(nesterov)
         self.bias_correction = bool(bias_correction)
         self.plan: list[BlockInfo] | None = None
@@ -121,6 +127,8 @@ class Shampoo(Rule):
         self._recv: Tensor | None = None
         self._pending: dict[str, Any] = {}
         self._stats_dirty = True
+        self._clock = [0.0, 0.0, 0.0]
+        self._phases: frozenset[int] = frozenset({0})  # phases that have at least one matrix block
         self.global_root_failures = 0
         self.global_max_condition = 1.0
 
@@ -145,7 +153,16 @@ class Shampoo(Rule):
         return {"betas": self.betas}
 
     def refresh_due(self, step: int) -> bool:
-        return step >= self.start and (step - self.start) % self.frequency == 0
+        """Whether any block recomputes its roots at ``step`` (the same answer on every rank)."""
+        return any(refreshes_at(step, p, self.start, self.frequency) for p in self._phases)
+
+    def refreshing(self, step: int) -> list[BlockInfo]:
+        """The matrix blocks (of all ranks) that recompute their roots at ``step``."""
+        return [
+            b
+            for b in self._built_plan()
+            if not b.diagonal and refreshes_at(step, b.phase, self.start, self.frequency)
+        ]
 
     def _build(self, groups: Sequence[GroupShard], ctx: StepContext, comm: Any) -> None:
         self.world = comm.world if comm is not None else 1
@@ -168,12 +185,16 @@ class Shampoo(Rule):
             blocks += [(f"{name}/{b.index}", slot, gi, pi, layer, b) for b in layer.blocks]
         costs = [block_cost(b.shape, layer.diagonal, self.frequency) for *_, layer, b in blocks]
         owners = assign(costs, self.world)
+        phases = refresh_phases(
+            {key: root_cost(b.shape, layer.diagonal) for key, *_, layer, b in blocks}, self.frequency
+        )
         fill = [0] * self.world
         plan = []
         for (key, slot, gi, pi, layer, b), r in zip(blocks, owners, strict=True):
-            plan.append(BlockInfo(key, slot, gi, pi, layer, b, r, fill[r]))
+            plan.append(BlockInfo(key, slot, gi, pi, layer, b, r, fill[r], phases[key]))
             fill[r] += b.numel
         self.plan = plan
+        self._phases = frozenset(b.phase for b in plan if not b.diagonal) or frozenset({0})
         self.owned = [b for b in plan if b.owner == self.rank]
         self._signature = tuple((slot, shape) for slot, _, _, shape in pieces)
         ref = groups[0].params[0]
@@ -216,7 +237,9 @@ class Shampoo(Rule):
                 raise RuntimeError("Shampoo: the parameter layout changed after the first step")
         t = ctx.step
         refresh = self.refresh_due(t)
+        f, start = self.frequency, self.start
         betas = [group_betas(g, self.betas, beta1_buffer=True) for g in groups]
+        self._clock = [0.0, 0.0, 0.0]  # statistics, roots, preconditioning (s) of this step
         t0 = time.perf_counter()
         for b in self.owned:
             g = groups[b.group]
@@ -226,7 +249,7 @@ class Shampoo(Rule):
                 g.params[b.piece],
                 g.grads[b.piece],
                 t,
-                refresh,
+                refresh and refreshes_at(t, b.phase, start, f),
                 float(g.hp["lr"]),
                 float(g.hp.get("weight_decay", 0.0)),
                 betas[b.group],
@@ -237,9 +260,14 @@ class Shampoo(Rule):
             self._reduce_stats(comm)
         ctx.stats["shampoo/root_failures"] = self.global_root_failures
         ctx.stats["shampoo/max_condition"] = self.global_max_condition
-        ctx.stats["shampoo/refresh"] = int(refresh)
+        ctx.stats["shampoo/refresh"] = int(refresh)  # some block (on some rank) refreshed its roots
+        ctx.stats["shampoo/refresh_blocks"] = sum(
+            1 for b in self.owned if refresh and not b.diagonal and refreshes_at(t, b.phase, start, f)
+        )
         ctx.stats["time/shampoo_blocks_ms"] = 1e3 * (t1 - t0)  # this rank's blocks (incl. root refresh)
         ctx.stats["time/shampoo_exchange_ms"] = 1e3 * (time.perf_counter() - t1)  # all-gather + unpack
+        for name, sec in zip(("statistics", "roots", "precondition"), self._clock, strict=True):
+            ctx.stats[f"time/shampoo_{name}_ms"] = 1e3 * sec  # parts of blocks_ms
 
     def _update_block(
         self,
@@ -263,11 +291,18 @@ class Shampoo(Rule):
         if b.diagonal:
             d = d_graft
         else:
-            self._accumulate(st, grad_b, betas[1])
+            clock = self._clock
+            c0 = time.perf_counter()
+            block_math.accumulate(st, grad_b, betas[1], self.pdtype)
+            c1 = time.perf_counter()
+            clock[0] += c1 - c0
             if t >= self.start:
                 if refresh:
-                    self._refresh(b, st)
-                d = self._precondition(st, m)
+                    block_math.refresh(st, self.exponent(len(st.factors)), self.eps, self.mm_dtype)
+                c2 = time.perf_counter()
+                d = block_math.precondition(st, m, self.pdtype)
+                clock[1] += c2 - c1
+                clock[2] += time.perf_counter() - c2
                 if self.grafting != "none":
                     ds_norm = float(torch.linalg.vector_norm(d))
                     dg_norm = float(torch.linalg.vector_norm(d_graft))
@@ -281,46 +316,6 @@ class Shampoo(Rule):
         else:
             new.copy_(p)
         new.add_(d, alpha=-lr)
-
-    def _accumulate(self, st: BlockState, grad: Tensor, b2: float) -> None:
-        beta, alpha = (1.0, 1.0) if b2 == 1.0 else (b2, 1.0 - b2)
-        g = grad.to(self.pdtype).contiguous()
-        order = g.dim()
-        for i, h in enumerate(st.factors):
-            if order == 1:
-                h.addr_(g, g, beta=beta, alpha=alpha)
-            elif i == 0:  # mode-0 unfolding: a row-major view
-                gram_update_(h, g.reshape(g.shape[0], -1), alpha, beta)
-            elif i == order - 1:  # last-mode unfolding: a column-major view
-                gram_update_(h, g.reshape(-1, g.shape[-1]).T, alpha, beta)
-            else:
-                gram_update_(h, g.movedim(i, 0).reshape(g.shape[i], -1), alpha, beta)
-
-    def _refresh(self, b: BlockInfo, st: BlockState) -> None:
-        e = self.exponent(len(st.factors))
-        for i, h in enumerate(st.factors):
-            res = inverse_root(h, e, self.eps)
-            if res.ok:
-                st.roots[i] = res.root
-                st.condition[i] = res.condition
-            else:
-                st.root_failures += 1
-
-    def _precondition(self, st: BlockState, m: Tensor) -> Tensor:
-        x = m.to(self.pdtype)
-        roots = st.roots
-        if x.dim() == 1:
-            out = roots[0] @ x if roots[0] is not None else x.clone()
-        elif x.dim() == 2:
-            out = roots[0] @ x if roots[0] is not None else x
-            out = out @ roots[1] if roots[1] is not None else out
-            out = out if out is not x else x.clone()
-        else:  # contract each mode in turn; after k steps the modes are back in order
-            out = x
-            for i, r in enumerate(roots):
-                eye = r if r is not None else torch.eye(x.shape[i], dtype=x.dtype, device=x.device)
-                out = torch.tensordot(out, eye, dims=([0], [0]))
-        return out.to(m.dtype)
 
     def _exchange(self, groups: Sequence[GroupShard], comm: Any) -> None:
         """All-gather every rank's packed new values and copy them into the parameters."""
@@ -383,6 +378,7 @@ class Shampoo(Rule):
             if entry is None:
                 raise KeyError(f"shampoo state has no entry for block {b.key!r}")
             load_block(b, self.state[b.key], entry, self.pdtype)
+            block_math.sync_mm_roots(self.state[b.key], self.mm_dtype)
         self._stats_dirty = True
 
     # -- introspection ----------------------------------------------------------------------------
@@ -391,9 +387,9 @@ class Shampoo(Rule):
         return sum(t.numel() * t.element_size() for st in self.state.values() for t in st.tensors())
 
     def preconditioner_bytes(self) -> int:
-        """Bytes of statistics and roots held by this rank."""
+        """Bytes of statistics and roots (with their bfloat16 copies) held by this rank."""
         return sum(
             t.numel() * t.element_size()
             for st in self.state.values()
-            for t in list(st.factors) + [r for r in st.roots if r is not None]
+            for t in list(st.factors) + [r for r in st.roots + st.mm_roots if r is not None]
         )
