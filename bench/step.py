@@ -153,7 +153,7 @@ class _TorchRunner:
         loss.backward()
         self.opt.step()
         self.opt.zero_grad()
-        return float(loss)
+        return float(loss.detach())
 
     def update_times(self) -> list[float]:
         return self.inner_t.times
@@ -208,7 +208,7 @@ class _DeepSpeedRunner:
         loss = torch.nn.functional.mse_loss(self.engine(x), y)
         self.engine.backward(loss)
         self.engine.step()
-        return float(loss)
+        return float(loss.detach())
 
     def update_times(self) -> list[float]:
         return self.inner_t.times
@@ -267,7 +267,7 @@ class _DistOptRunner:
         for k, v in self.parts.items():
             if k != "param_gather_exposed_ms":
                 v.append(float(self.opt.last_stats.get(f"time/{k}", float("nan"))))
-        return float(loss)
+        return float(loss.detach())
 
     def update_times(self) -> list[float]:
         return [ms / 1e3 for ms in self.parts["optimizer_ms"]]
@@ -652,7 +652,7 @@ How the numbers are obtained:
 def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     sizes = dict(QUICK if args.quick else FULL)
     if args.rounds is None:
-        args.rounds = 1 if args.quick else 3
+        args.rounds = 1 if args.quick else 2
     if args.warmup is not None:
         sizes["warmup"] = args.warmup
     if args.steps is not None:
@@ -824,7 +824,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds",
         type=int,
         default=None,
-        help="run every configuration this many times, keep the faster round (default 3; quick 1)",
+        help="run every configuration this many times, keep the faster round (default 2; quick 1)",
     )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per configuration")
     p.add_argument(

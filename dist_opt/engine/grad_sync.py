@@ -181,12 +181,13 @@ class GradSync:
             self._packed[b_i].clear()
             if self.track_local_norm:
                 self.local_sumsq += st.double().square().sum()
+            acc: Tensor | None = None
             if self.micro_steps == 1:  # the shard is zero: reduce-scatter straight into it
-                out, acc = self._shard[b.shard_start : b.shard_end], None
+                out = self._shard[b.shard_start : b.shard_end]
             else:
-                out = acc = self._acc.get(b_i)
-                if acc is None:
-                    out = acc = self._acc[b_i] = torch.empty(b.shard_numel, dtype=st.dtype, device=st.device)
+                if b_i not in self._acc:
+                    self._acc[b_i] = torch.empty(b.shard_numel, dtype=st.dtype, device=st.device)
+                out = acc = self._acc[b_i]
             work = self.comm.reduce_scatter(out, st.view(-1), async_op=True)
             self._works.append((work, b_i, acc))
         else:

@@ -115,7 +115,7 @@ class LARS(Rule):
         # torch's fused SGD: b = mu·b + (1 - dampening)·(g + wd·p); p -= lr·b. With lr = 1 and
         # dampening = 1 - s this is LARS's b = mu·b + s·(g + wd·p); p -= b (no momentum: lr = s)
         wd = _decay(g)
-        bufs = g.state["momentum_buffer"] if mu else [None] * len(g.params)
+        bufs = g.state["momentum_buffer"] if mu else list(g.params)  # (unused without momentum)
         for p, gr, b, s in zip(g.params, g.grads, bufs, scale, strict=True):
             common: dict[str, Any] = {"weight_decay": wd, "nesterov": False, "maximize": False}
             if mu:
