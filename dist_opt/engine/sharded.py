@@ -261,6 +261,7 @@ class ShardedOptimizer(PieceOptimizer):
         super().load_state_dict(state_dict)
         if self.masters is not None and self.masters.active:
             self._publish()  # working parameters := the loaded masters, everywhere
+            self.wait_params()
 
     def _publish(self) -> None:
         if self.masters is not None:
