@@ -345,3 +345,52 @@ class CommCounter:
         for name, fn in self._saved.items():
             setattr(ProcessGroup, name, fn)
         self._saved.clear()
+
+
+class AllocCounter:
+    """Counts the tensors of at least ``min_bytes`` that operators create (new storage, not a view or
+    an in-place result of an input), at the dispatcher, while active: ``with AllocCounter() as c:``.
+
+    It sees what Python and autograd allocate through torch's operators (activations, gradients,
+    temporaries, communication buffers made with torch), not memory that C++ code such as gloo or
+    DDP's reducer allocates internally."""
+
+    def __init__(self, min_bytes: int = 2**20):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                out = func(*args, **(kwargs or {}))
+                counter._see(args, kwargs, out)
+                return out
+
+        self.min_bytes, self.count, self.bytes = min_bytes, 0, 0
+        self._mode = _Mode()
+
+    def _see(self, args: Any, kwargs: Any, out: Any) -> None:
+        import torch
+        from torch.utils._pytree import tree_leaves
+
+        def ptrs(x: Any) -> set[int]:
+            return {t.untyped_storage().data_ptr() for t in tree_leaves(x) if isinstance(t, torch.Tensor)}
+
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        big = [t for t in outs if t.untyped_storage().nbytes() >= self.min_bytes]
+        if not big:
+            return
+        seen = ptrs((args, kwargs))
+        for t in big:
+            st = t.untyped_storage()
+            if st.data_ptr() not in seen:
+                seen.add(st.data_ptr())
+                self.count += 1
+                self.bytes += st.nbytes()
+
+    def __enter__(self) -> AllocCounter:
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._mode.__exit__(*exc)

@@ -17,7 +17,7 @@ if str(ROOT) not in sys.path:
 from bench import step  # noqa: E402
 from bench.common import CommCounter, make_25m_model, run_ranks  # noqa: E402
 
-KEYS = ["ddp-adamw", "distopt-adamw-z0", "distopt-adamw-z2"]
+KEYS = ["ddp-adamw", "ddp-adamw-fused", "distopt-adamw-z0", "distopt-adamw-z2"]
 
 
 def _cells(line: str) -> list[str]:
@@ -52,20 +52,21 @@ def test_results_table_is_well_formed(quick):
     for cells in body:
         assert len(cells) == len(header), cells
         assert re.fullmatch(r"\d+\.\d", cells[1]) and float(cells[1]) > 0, cells  # step ms
-        assert re.fullmatch(r"\d+\.\d\d×", cells[2]), cells
-        assert re.fullmatch(r"\d+(\.\d+)? (KiB|MiB|GiB)", cells[3]), cells
-        assert re.fullmatch(r"\d+\.\d+ \((28|40)\)", cells[8]), cells
+        assert re.fullmatch(r"\d+\.\d\d×", cells[2]) and re.fullmatch(r"\d+\.\d\d×", cells[3]), cells
+        assert re.fullmatch(r"\d+(\.\d+)? (KiB|MiB|GiB)", cells[4]), cells
+        assert re.fullmatch(r"\d+\.\d+ \((28|40)\)", cells[9]), cells
     targets = text[text.index("## Targets") : text.index("## Details")]
     assert re.search(r"^- (PASS|MISS): dist-opt adamw zero 2 step time", targets, re.M)
 
 
 @pytest.mark.timeout(240)
 def test_dist_opt_ratios_are_against_the_baseline_of_the_same_run(quick):
-    """Each row's "× DDP+AdamW" and "× unsharded" cells are its own measurement divided by the DDP
-    row's measurement from this very run, and "× bound" is its update time over its own bound."""
+    """Each row's "× DDP+AdamW", "× DDP+AdamW(fused)" and "× unsharded" cells are its own measurement
+    divided by the DDP rows' measurements from this very run, and "× bound" is its update time over
+    its own bound."""
     rows, _, text, _ = quick
     by = {r["key"]: r for r in rows}
-    base = by[step.BASELINE]
+    base, fused = by[step.BASELINE], by[step.FUSED_BASELINE]
     lines = text.splitlines()
     start = lines.index(step.TABLE_HEADER)
     cells = {k: _cells(lines[start + 2 + i]) for i, k in enumerate(KEYS)}
@@ -75,11 +76,12 @@ def test_dist_opt_ratios_are_against_the_baseline_of_the_same_run(quick):
             assert r[field] is not None and math.isfinite(r[field]) and r[field] > 0, (key, field, r[field])
         assert c[1] == f"{1e3 * r['step_s']:.1f}"
         assert c[2] == f"{r['step_s'] / base['step_s']:.2f}×"
-        assert c[4] == f"{r['state_bytes'] / base['state_bytes']:.2f}×"
-        assert c[9] == f"{r['update_s'] / r['bound_s']:.2f}×"
+        assert c[3] == f"{r['step_s'] / fused['step_s']:.2f}×"
+        assert c[5] == f"{r['state_bytes'] / base['state_bytes']:.2f}×"
+        assert c[10] == f"{r['update_s'] / r['bound_s']:.2f}×"
     # what the ratios must say whatever the timings: replicated state equals DDP's, ZeRO-2 halves it on 2 ranks
-    assert cells["distopt-adamw-z0"][4] == "1.00×"
-    assert float(cells["distopt-adamw-z2"][4].rstrip("×")) <= 0.52
+    assert cells["distopt-adamw-z0"][5] == "1.00×"
+    assert float(cells["distopt-adamw-z2"][5].rstrip("×")) <= 0.52
 
 
 @pytest.mark.timeout(240)
@@ -94,6 +96,7 @@ def test_numbers_match_layout_and_ring_formulas(quick):
     # AdamW state: exp_avg + exp_avg_sq (4 B each) per element plus a 4-byte step counter per tensor
     assert by["ddp-adamw"]["state_bytes"] == 8 * psi + 4 * n
     assert by["distopt-adamw-z0"]["state_bytes"] == 8 * psi + 4 * n
+    assert by["ddp-adamw-fused"]["state_bytes"] == 8 * psi + 4 * n
     assert by["distopt-adamw-z2"]["state_bytes"] == 8 * half + 4 * n
     assert by["distopt-adamw-z2"]["shard_numel"] == half
     # traffic per rank, world 2: all-reduce 2(N-1)/N·S = S, reduce-scatter and all-gather (N-1)/N·S = S/2

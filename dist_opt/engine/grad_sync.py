@@ -8,8 +8,12 @@ sum-then-divide, once, by (world x micro-steps) (never gloo's AVG; see docs/algo
 stage 0/1: ``p.grad`` are views into one flat, padded, param-major buffer; autograd accumulates
            in place across micro-steps; on the sync micro-step each full bucket is all-reduced.
 stage 2:   on every micro-step each param's fresh gradient is packed rank-major into its bucket's
-           staging buffer and released (``p.grad = None``); a full bucket is reduce-scattered into
-           a temporary shard which is added to the rank's grad shard. No full gradient is kept.
+           staging buffer and released (``p.grad = None``); a full bucket is reduce-scattered
+           straight into the rank's grad shard on the first micro-step after a reset, and into a
+           persistent per-bucket buffer that is then added to it on later ones. No full gradient is
+           kept. The staging buffers are persistent too (allocated once; the engine may lend the
+           parameter all-gather's receive buffers, which are idle during backward), so a step
+           allocates no bucket-sized tensor.
 
 The gradient buffers have one dtype (the reduction dtype). A parameter of another dtype (bf16
 parameters with fp32 reduction) cannot have a view of them as ``.grad``: its hook adds the fresh
@@ -36,7 +40,20 @@ def pack_rank_major(dst: Tensor, world: int, lo: int, slot: Slot, flat: Tensor) 
         dst[:full_rows, lo : lo + c].copy_(flat[: full_rows * c].view(full_rows, c))
     if rem:
         dst[full_rows, lo : lo + rem].copy_(flat[full_rows * c :])
-    # padding stays as initialised (zeros)
+
+
+def zero_padding(dst: Tensor, lo: int, slot: Slot) -> None:
+    """Zero the padding of a parameter's columns [lo, lo+chunk) in a [world, S] matrix view (the
+    elements past its numel; the buffer may hold other data from an earlier use)."""
+    c, n, world = slot.chunk, slot.numel, dst.shape[0]
+    if n == c * world:
+        return
+    full_rows, rem = divmod(n, c)
+    if rem:
+        dst[full_rows, lo + rem : lo + c].zero_()
+        full_rows += 1
+    if full_rows < world:
+        dst[full_rows:, lo : lo + c].zero_()
 
 
 class GradSync:
@@ -49,6 +66,8 @@ class GradSync:
         full_grad: Tensor | None,
         shard_grad: Tensor | None,
         track_local_norm: bool = False,
+        staging: Sequence[Tensor] | None = None,
+        before_backward: Callable[[], None] | None = None,
     ):
         self.params, self.layout, self.comm, self.stage = list(params), layout, comm, stage
         self.full_grad, self.shard_grad = full_grad, shard_grad
@@ -64,7 +83,20 @@ class GradSync:
         self._pending_count = [0] * len(layout.buckets)
         self._ready = [False] * len(layout.buckets)
         self._next = 0
-        self._staging: dict[int, Tensor] = {}
+        self._before_backward = before_backward
+        self._staging: list[Tensor] = []
+        self._packed: list[set[int]] = [set() for _ in layout.buckets]
+        self._acc: dict[int, Tensor] = {}  # reduce-scatter outputs of accumulating micro-steps
+        if stage == 2:
+            dt, dev = self._shard.dtype, self._shard.device
+            for b_i, b in enumerate(layout.buckets):
+                buf = (
+                    staging[b_i]
+                    if staging is not None
+                    else torch.zeros(self.world * b.shard_numel, dtype=dt, device=dev)
+                )
+                assert buf.numel() == self.world * b.shard_numel and buf.dtype == dt
+                self._staging.append(buf.view(self.world, b.shard_numel))
         self._works: list[tuple[dist.Work | None, int, Tensor | None]] = []
         self._seen_backward = False
         self._handles = [
@@ -98,6 +130,10 @@ class GradSync:
             # the pass ends so buckets of unused parameters are launched too (as DDP/FSDP do)
             self._seen_backward = True
             self.micro_steps += 1
+            if self._before_backward is not None:
+                self._before_backward()  # e.g. finish a parameter all-gather that lent its buffers
+            if self._works:  # the previous micro-step's reduce-scatters: their buffers are reused
+                self._drain()
             torch.autograd.Variable._execution_engine.queue_callback(self.flush)
         slot = self.layout.slots[i]
         b_i = self._bucket_of[i]
@@ -122,12 +158,10 @@ class GradSync:
 
     def _pack(self, b_i: int, slot: Slot, flat: Tensor) -> None:
         b = self.layout.buckets[b_i]
-        st = self._staging.get(b_i)
-        if st is None:
-            st = self._staging[b_i] = torch.zeros(
-                self.world, b.shard_numel, dtype=self._shard.dtype, device=flat.device
-            )
-        pack_rank_major(st, self.world, slot.shard_offset - b.shard_start, slot, flat)
+        lo = slot.shard_offset - b.shard_start
+        pack_rank_major(self._staging[b_i], self.world, lo, slot, flat)
+        zero_padding(self._staging[b_i], lo, slot)
+        self._packed[b_i].add(slot.index)
 
     def _launch_ready(self) -> None:
         while self._next < len(self._ready) and self._ready[self._next]:
@@ -139,16 +173,23 @@ class GradSync:
     def _launch(self, b_i: int) -> None:
         b = self.layout.buckets[b_i]
         if self.stage == 2:
-            st = self._staging.pop(b_i, None)
-            if st is None:  # no parameter of this bucket got a gradient in this pass
-                st = torch.zeros(
-                    self.world, b.shard_numel, dtype=self._shard.dtype, device=self._shard.device
-                )
+            st = self._staging[b_i]
+            for i in b.slots:  # parameters without a gradient in this pass contribute zeros
+                if i not in self._packed[b_i]:
+                    lo = self.layout.slots[i].shard_offset - b.shard_start
+                    st[:, lo : lo + self.layout.slots[i].chunk].zero_()
+            self._packed[b_i].clear()
             if self.track_local_norm:
                 self.local_sumsq += st.double().square().sum()
-            out = torch.empty(b.shard_numel, dtype=st.dtype, device=st.device)
+            acc: Tensor | None = None
+            if self.micro_steps == 1:  # the shard is zero: reduce-scatter straight into it
+                out = self._shard[b.shard_start : b.shard_end]
+            else:
+                if b_i not in self._acc:
+                    self._acc[b_i] = torch.empty(b.shard_numel, dtype=st.dtype, device=st.device)
+                out = acc = self._acc[b_i]
             work = self.comm.reduce_scatter(out, st.view(-1), async_op=True)
-            self._works.append((work, b_i, out))
+            self._works.append((work, b_i, acc))
         else:
             buf = self._full[b.full_start : b.full_end]
             if self.track_local_norm:
@@ -175,9 +216,8 @@ class GradSync:
                 self._ready[b_i] = True
         self._launch_ready()
 
-    def finish(self, loss_scale: float = 1.0) -> int:
-        """Wait for all communication; leave the averaged gradient (divided by ``loss_scale`` too) in
-        place. Returns micro-steps."""
+    def _drain(self) -> None:
+        """Wait for the launched collectives; add accumulating micro-steps' shards."""
         for work, b_i, out in self._works:
             if work is not None:
                 work.wait()
@@ -185,6 +225,11 @@ class GradSync:
                 b = self.layout.buckets[b_i]
                 self._shard[b.shard_start : b.shard_end].add_(out)
         self._works.clear()
+
+    def finish(self, loss_scale: float = 1.0) -> int:
+        """Wait for all communication; leave the averaged gradient (divided by ``loss_scale`` too) in
+        place. Returns micro-steps."""
+        self._drain()
         steps = max(self.micro_steps, 1)
         divisor = float(self.comm.world * steps) * loss_scale
         if self.stage == 2:

@@ -12,6 +12,14 @@ zero_stage 0: all-reduce, every rank holds all state and updates everything (DDP
 zero_stage 1: all-reduce, each rank updates and keeps state for its 1/N of every tensor, all-gather.
 zero_stage 2: reduce-scatter into grad shards, shard update, all-gather (one all-reduce's volume).
 
+Communication buffers are persistent (a step allocates no bucket-sized tensor): per bucket one
+receive buffer for the parameter all-gather, lent to the stage-2 gradient sync as its staging
+buffer during backward (see ``param_gather`` and ``grad_sync``). With ``overlap_param_gather`` the
+all-gather of the updated parameters runs while the next forward starts: each module waits only
+for the bucket holding its own parameters (see ``param_gather`` for the one model shape that rules
+out). :meth:`ShardedOptimizer.wait_params` completes the gather; the step, backward and the state
+API call it themselves.
+
 Mixed precision: parameters may be bf16/fp16, and of several dtypes. There is ONE layout (slots,
 buckets, shard offsets) for all parameters; the parameters live in one flat full buffer *per working
 dtype* (each dtype's slots packed in layout order), and gradients in one flat buffer of the
@@ -39,6 +47,7 @@ from dist_opt.engine.core import DEFAULT_EXCLUDE, GroupOptions, PieceOptimizer
 from dist_opt.engine.grad_sync import GradSync
 from dist_opt.engine.loss_scale import LossScaler, refuse_grad_scaler
 from dist_opt.engine.masters import Masters, as_dtypes
+from dist_opt.engine.param_gather import ParamGather
 from dist_opt.engine.partition import Layout, make_layout
 from dist_opt.engine.state_codec import ShardSpec, all_gather_pieces, layout_specs
 from dist_opt.optim.base import Rule
@@ -72,6 +81,7 @@ class ShardedOptimizer(PieceOptimizer):
         master_dtype: torch.dtype | None = torch.float32,
         reduce_dtype: torch.dtype | None = None,
         loss_scale: LossScaler | None = None,
+        overlap_param_gather: bool = False,
         **hyper: Any,
     ):
         if zero_stage not in (0, 1, 2):
@@ -120,6 +130,15 @@ class ShardedOptimizer(PieceOptimizer):
         if broadcast_params:
             for buf in self.full_params.values():
                 comm.broadcast(buf, src=0)
+        # persistent per-bucket communication buffers (one working dtype, which is the reduction
+        # dtype): the all-gather receives into them, stage-2 backward stages gradients in them
+        self._pgather: ParamGather | None = None
+        comm_bufs = None
+        if self.layout.world > 1 and len(dtypes) == 1 and dtypes[0] == reduce_dtype:
+            w = self.layout.world
+            comm_bufs = [
+                torch.zeros(w * b.shard_numel, dtype=reduce_dtype, device=device) for b in self.layout.buckets
+            ]
         # gradients: the full flat buffer (stage 0/1) or only this rank's shard (stage 2), and this
         # rank's piece of every slot in it (views, padded to the chunk size)
         self.full_grad: Tensor | None = None
@@ -141,6 +160,8 @@ class ShardedOptimizer(PieceOptimizer):
             self.full_grad,
             self.shard_grad,
             track_local_norm=track_local_grad_norm,
+            staging=comm_bufs if zero_stage == 2 else None,
+            before_backward=self.wait_params,
         )
 
         # this rank's pieces (views, padded to the chunk size) and the rule's state for them
@@ -162,9 +183,20 @@ class ShardedOptimizer(PieceOptimizer):
         )
         super().__init__(named, rule, lr=lr, groups=groups, max_grad_norm=max_grad_norm, comm=comm)
         assert self.layer_names == [s.name for s in self.layout.slots]
-        # parameter all-gathers: one set per working dtype (one dtype: bucket by bucket, as the grads)
+        # parameter all-gathers: persistent buffers, bucket by bucket (one working dtype), else one
+        # set per working dtype
         self._gathers: list[tuple[list[int], list[tuple[int, int]] | None, Tensor | None]] = []
-        for dt in dtypes:
+        if comm_bufs is not None:
+            self._pgather = ParamGather(
+                comm,
+                self.layout,
+                self._param_pieces,
+                self.full_param,
+                slot_params,
+                comm_bufs,
+                overlap=overlap_param_gather,
+            )
+        for dt in dtypes if self._pgather is None else ():
             idx = [i for i, p in enumerate(slot_params) if p.dtype == dt]
             spans = [(b.slots[0], b.slots[-1] + 1) for b in self.layout.buckets] if len(dtypes) == 1 else None
             n = sum(self.layout.slots[i].chunk for i in idx)
@@ -201,15 +233,35 @@ class ShardedOptimizer(PieceOptimizer):
         return self.masters.nbytes() if self.masters is not None else 0
 
     def _state_lists(self) -> dict[str, list[Tensor | None]]:
+        self.wait_params()
         lists = super()._state_lists()
         if self.masters is not None and self.masters.active:
             lists["master"] = self.masters.state()
         return lists
 
+    def wait_params(self) -> None:
+        """Complete a pending (overlapped) parameter all-gather: every rank's full parameters are
+        then the updated ones. Reading parameters other than through a module's forward after a
+        step with ``overlap_param_gather`` needs this first."""
+        if self._pgather is not None:
+            self._pgather.wait_all()
+
+    @property
+    def param_gather_exposed_ms(self) -> float:
+        """Milliseconds the last parameter all-gather held this rank up: its launch and the waits
+        (in the optimizer step or, overlapped, in the next forward) since."""
+        return 1e3 * self._pgather.exposed_s if self._pgather is not None else 0.0
+
+    def gather_params(self, pieces: Any) -> None:
+        self.wait_params()
+        super().gather_params(pieces)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.wait_params()
         super().load_state_dict(state_dict)
         if self.masters is not None and self.masters.active:
             self._publish()  # working parameters := the loaded masters, everywhere
+            self.wait_params()
 
     def _publish(self) -> None:
         if self.masters is not None:
@@ -242,6 +294,7 @@ class ShardedOptimizer(PieceOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.wait_params()  # a forward-less step (no backward either) after an overlapped one
         t0 = time.perf_counter()
         scale = self.loss_scale
         micro_steps = self.sync.finish(scale)
@@ -276,7 +329,9 @@ class ShardedOptimizer(PieceOptimizer):
     def after_update_gather(self) -> None:
         """All-gather the updated shards into every rank's full parameter buffers (bucketed, async; one
         set of all-gathers per working dtype)."""
-        if self.layout.world > 1:
+        if self._pgather is not None:
+            self._pgather.launch()
+        elif self.layout.world > 1:
             w = self.layout.world
             for idx, spans, send in self._gathers:
                 slots = [self.layout.slots[i] for i in idx]

@@ -121,3 +121,48 @@ def _need_buffer(value: float, built: float, key: str) -> None:
             f"param group {key} = {value}, but the optimizer was built with {key} = 0 and keeps no "
             f"buffer for it; build it with a non-zero optimizer.{key.split('[')[0]} to schedule it"
         )
+
+
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def fusable(*lists: Sequence[Tensor]) -> bool:
+    """Whether torch's fused optimizer kernels take these tensors: one dtype they support, one
+    device, and every tensor contiguous (shard pieces always are)."""
+    first = next((t for ts in lists for t in ts), None)
+    if first is None or first.dtype not in _FUSED_DTYPES:
+        return False
+    return all(t.dtype == first.dtype and t.device == first.device for ts in lists for t in ts)
+
+
+class Scratch:
+    """Persistent work buffers of a rule, reused at every step (never part of its state).
+
+    ``like(key, pieces)`` returns views of one flat buffer shaped like ``pieces``; the buffer is
+    kept per ``key`` (e.g. a param group's index) and rebuilt only when the pieces' sizes change."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[Any, tuple[tuple[Any, ...], list[Tensor]]] = {}
+        self._step: Tensor | None = None
+
+    def like(self, key: Any, pieces: Sequence[Tensor]) -> list[Tensor]:
+        sig = tuple((p.numel(), p.dtype, p.device) for p in pieces)
+        held = self._bufs.get(key)
+        if held is None or held[0] != sig:
+            n = sum(p.numel() for p in pieces)
+            flat = (
+                torch.empty(n, dtype=pieces[0].dtype, device=pieces[0].device) if pieces else torch.empty(0)
+            )
+            views, at = [], 0
+            for p in pieces:
+                views.append(flat[at : at + p.numel()].view(p.shape))
+                at += p.numel()
+            held = self._bufs[key] = (sig, views)
+        return held[1]
+
+    def step_tensor(self, t: int) -> Tensor:
+        """A float32 scalar tensor holding ``t`` (fused kernels read the step count from tensors)."""
+        if self._step is None:
+            self._step = torch.zeros((), dtype=torch.float32)
+        self._step.fill_(float(t))
+        return self._step
