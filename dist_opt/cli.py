@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -20,6 +21,18 @@ commands:
 """
 
 
+COMMANDS = {
+    "train": "dist_opt.train",
+    "launch": "dist_opt.launch.cli",
+    "schedule": "dist_opt.schedule_cli",
+    "init": "dist_opt.init_cli",
+    "report": "dist_opt.report",
+    "plan": "dist_opt.plan.cli",
+    "export": "dist_opt.export_cli",
+}
+"""command -> the module whose ``main(argv) -> int`` runs it (imported only when used)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -31,34 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dist-opt {version()}")
         return 0
     cmd, rest = args[0], args[1:]
-    if cmd == "train":
-        from dist_opt.train import main as train_main
-
-        return train_main(rest)
-    if cmd == "launch":
-        from dist_opt.launch.cli import main as launch_main
-
-        return launch_main(rest)
-    if cmd == "schedule":
-        from dist_opt.schedule_cli import main as schedule_main
-
-        return schedule_main(rest)
-    if cmd == "init":
-        from dist_opt.init_cli import main as init_main
-
-        return init_main(rest)
-    if cmd == "report":
-        from dist_opt.report import main as report_main
-
-        return report_main(rest)
-    if cmd == "plan":
-        from dist_opt.plan.cli import main as plan_main
-
-        return plan_main(rest)
-    if cmd == "export":
-        from dist_opt.export_cli import main as export_main
-
-        return export_main(rest)
+    target = COMMANDS.get(cmd)
+    if target is not None:
+        module = importlib.import_module(target)
+        return int(module.main(rest))
     print(f"dist-opt: unknown command {cmd!r}\n{USAGE}", file=sys.stderr, end="")
     return 2
 

@@ -26,6 +26,7 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from dist_opt.cli import COMMANDS as CLI_COMMANDS
 from dist_opt.cli import main as cli_main
 from dist_opt.config import ConfigError, load_config
 from dist_opt.config.schema import Config
@@ -341,7 +342,7 @@ def test_missing_config_files_are_named(name):
 
 
 # -- command lines -------------------------------------------------------------------------------------------
-COMMANDS = {"train", "launch", "schedule", "report", "plan", "export", "init", "-V", "--version", "-h", "--help"}
+COMMANDS = {*CLI_COMMANDS, "-V", "--version", "-h", "--help"}
 
 
 @FUZZ

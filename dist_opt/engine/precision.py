@@ -71,7 +71,9 @@ class _InputCast:
             return {k: self._cast(v) for k, v in x.items()}
         return x
 
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def __call__(
+        self, module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> tuple[tuple[object, ...], dict[str, object]]:
         return tuple(self._cast(a) for a in args), {k: self._cast(v) for k, v in kwargs.items()}
 
 
