@@ -46,6 +46,33 @@ DIST_TESTS = {
 }
 SLOW_MODULES = {"test_bench_step", "test_package"}  # benchmark runs, a wheel build
 SLOW_TESTS = {"test_large_batch.py::test_tiny_sweep_writes_well_formed_report_and_plot"}  # about a minute
+# Rough CPU seconds of the costly modules (measured; only their order matters). Modules run longest
+# first so that the two xdist workers of scripts/test.sh (``--dist loadfile --no-loadscope-reorder``:
+# whole modules, in this order) finish together instead of one worker ending on a long module alone.
+# A module not listed counts as MODULE_COST_DEFAULT_S if it spawns processes, else 0 (it runs last).
+MODULE_COST_S = {
+    "test_user_model": 100,
+    "test_launch_run": 70,
+    "test_launch_multinode": 70,
+    "test_checkpoint": 65,
+    "test_faults": 65,
+    "test_bench_step": 55,
+    "test_reliability": 45,
+    "test_swa": 40,
+    "test_train": 40,
+    "test_engine_exact": 36,
+    "test_engines": 35,
+    "test_precision": 32,
+    "test_api": 30,
+    "test_large_batch": 28,
+    "test_shampoo": 25,
+    "test_task_import": 15,
+    "test_engine_state_codec": 10,
+    "test_registry": 10,
+    "test_engine_features": 9,
+    "test_tracking": 8,
+}
+MODULE_COST_DEFAULT_S = 20
 
 
 def _test_id(item: pytest.Item) -> str:
@@ -65,7 +92,31 @@ def _tier(item: pytest.Item) -> str | None:
     return "unit"
 
 
+def _module_name(item: pytest.Item) -> str:
+    return item.module.__name__ if item.module is not None else ""
+
+
+def _spawns(item: pytest.Item) -> bool:
+    return (
+        _module_name(item) in DIST_MODULES | MULTINODE_MODULES
+        or _test_id(item) in DIST_TESTS
+        or bool(SPAWNING_FIXTURES & set(item.fixturenames))
+        or any(item.get_closest_marker(t) is not None for t in ("dist", "multinode"))
+    )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # costly modules first; stable, so every module's tests stay together and in their order
+    cost: dict[str, float] = {}
+    for item in items:
+        module = _module_name(item)
+        if module in MODULE_COST_S:
+            cost[module] = MODULE_COST_S[module]
+        elif _spawns(item):
+            cost[module] = MODULE_COST_DEFAULT_S
+        else:
+            cost.setdefault(module, 0)
+    items.sort(key=lambda item: -cost[_module_name(item)])
     for item in items:
         module = item.module.__name__ if item.module is not None else ""
         slow = (
