@@ -29,8 +29,9 @@ gate ruff-check .venv/bin/ruff check .
 gate ruff-format .venv/bin/ruff format --check .
 gate mypy .venv/bin/mypy
 
-# two workers, one test module each at a time (module fixtures such as the gloo ranks stay per module)
-.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile "$@"
+# two workers, one test module each at a time (module fixtures stay per module; the gloo ranks per worker),
+# the modules in the order tests/conftest.py gives them (costly ones first, so both workers end together)
+.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --no-loadscope-reorder "$@"
 rc=$?
 if [ $rc -eq 5 ]; then
   echo "pytest collected no tests: failing" >&2

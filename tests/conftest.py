@@ -51,6 +51,38 @@ DIST_TESTS = {
 }
 SLOW_MODULES = {"test_bench_step", "test_package"}  # benchmark runs, a wheel build
 SLOW_TESTS = {"test_large_batch.py::test_tiny_sweep_writes_well_formed_report_and_plot"}  # about a minute
+# Rough CPU seconds of the costly modules (measured, without the start of the shared gloo ranks;
+# only their order matters). Modules run longest first, so that the two xdist workers of
+# scripts/test.sh (``--dist loadfile --no-loadscope-reorder``: whole modules, in this order) finish
+# together instead of one worker ending alone on a long module. A module not listed counts as
+# MODULE_COST_DEFAULT_S if it spawns processes, else 0 (it runs last).
+MODULE_COST_S = {
+    "test_user_model": 90,
+    "test_launch_run": 70,
+    "test_launch_multinode": 70,
+    "test_checkpoint": 65,
+    "test_faults": 65,
+    "test_examples": 60,
+    "test_bench_step": 55,
+    "test_reliability": 40,
+    "test_orphans": 40,  # little CPU, but it waits for processes to die
+    "test_api": 30,
+    "test_large_batch": 28,
+    "test_engines": 25,
+    "test_package": 25,  # a wheel build and a fresh venv
+    "test_swa": 25,
+    "test_train": 25,
+    "test_engine_exact": 25,
+    "test_precision": 15,
+    "test_shampoo": 15,
+    "test_task_import": 15,
+    "test_readme": 12,
+    "test_tracking": 8,
+    "test_engine_state_codec": 3,
+    "test_registry": 3,
+    "test_engine_features": 3,
+}
+MODULE_COST_DEFAULT_S = 20
 
 
 def _test_id(item: pytest.Item) -> str:
@@ -70,7 +102,31 @@ def _tier(item: pytest.Item) -> str | None:
     return "unit"
 
 
+def _module_name(item: pytest.Item) -> str:
+    return item.module.__name__ if item.module is not None else ""
+
+
+def _spawns(item: pytest.Item) -> bool:
+    return (
+        _module_name(item) in DIST_MODULES | MULTINODE_MODULES
+        or _test_id(item) in DIST_TESTS
+        or bool(SPAWNING_FIXTURES & set(item.fixturenames))
+        or any(item.get_closest_marker(t) is not None for t in ("dist", "multinode"))
+    )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # costly modules first; stable, so every module's tests stay together and in their order
+    cost: dict[str, float] = {}
+    for item in items:
+        module = _module_name(item)
+        if module in MODULE_COST_S:
+            cost[module] = MODULE_COST_S[module]
+        elif _spawns(item):
+            cost[module] = MODULE_COST_DEFAULT_S
+        else:
+            cost.setdefault(module, 0)
+    items.sort(key=lambda item: -cost[_module_name(item)])
     for item in items:
         module = item.module.__name__ if item.module is not None else ""
         slow = (
@@ -87,15 +143,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(getattr(pytest.mark, tier))
 
 
-@pytest.fixture(scope="module")
-def world2():
-    h = DistHarness(2)
-    yield h
-    h.close()
+@pytest.fixture(scope="session")
+def _worlds():
+    """The spawned gloo worlds, by size: started on first use and shared by every module of this
+    pytest process (each rank imports torch, seconds of CPU; a module's calls are independent
+    functions of (rank, world, args)). A world whose call failed or timed out is restarted by the
+    harness on its next call."""
+    worlds: dict[int, DistHarness] = {}
+    yield worlds
+    for h in worlds.values():
+        h.close()
+
+
+def _world(worlds: dict[int, DistHarness], size: int) -> DistHarness:
+    if size not in worlds:
+        worlds[size] = DistHarness(size)
+    return worlds[size]
 
 
 @pytest.fixture(scope="module")
-def world3():
-    h = DistHarness(3)
-    yield h
-    h.close()
+def world2(_worlds):
+    return _world(_worlds, 2)
+
+
+@pytest.fixture(scope="module")
+def world3(_worlds):
+    return _world(_worlds, 3)
