@@ -64,7 +64,10 @@ MODULE_COST_S = {
     "test_faults": 65,
     "test_examples": 60,
     "test_bench_step": 55,
+    "test_engine_checkpoints": 60,  # DeepSpeed and fsdp2 launches (first, with the other long ones)
     "test_reliability": 40,
+    "test_export": 40,
+    "test_chaos": 35,
     "test_orphans": 40,  # little CPU, but it waits for processes to die
     "test_api": 30,
     "test_large_batch": 28,
@@ -77,6 +80,9 @@ MODULE_COST_S = {
     "test_shampoo": 15,
     "test_task_import": 15,
     "test_readme": 12,
+    "test_plan": 12,
+    "test_param_gather": 10,
+    "test_peers": 8,
     "test_tracking": 8,
     "test_engine_state_codec": 3,
     "test_registry": 3,
