@@ -226,6 +226,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--batches", type=_int_list, default=None, help="global batch sizes (default: the task preset)"
     )
     p.add_argument("--seeds", type=int, default=5, help="seeds per lr (default 5)")
+    p.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds are FIRST..FIRST+SEEDS-1 (default 0; to split a sweep)",
+    )
     p.add_argument("--target", type=float, default=None, help="target eval loss (default: the task preset)")
     p.add_argument(
         "--budget-minutes",
@@ -331,6 +337,7 @@ class Plan:
     warmup_rule: str = "fixed"
     probe: bool = False
     preset: str = "quadratic"
+    first_seed: int = 0
 
     def warmup(self, batch: int) -> int:
         """Warmup steps at ``batch`` (the ``sqrt`` rule grows them with the lr of the sqrt/linear rules)."""
@@ -399,6 +406,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     batches = sorted(set(args.batches or preset.batches))
     for name, val, lo in (
         ("--seeds", args.seeds, 1),
+        ("--first-seed", args.first_seed, 0),
         ("--grid-points", args.grid_points, 1),
         ("--max-extend", args.max_extend, 0),
         ("--window", args.window, 0),
@@ -472,6 +480,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         warmup_rule=preset.warmup_rule,
         probe=preset.probe,
         preset=args.preset,
+        first_seed=args.first_seed,
     )
     _check_configs(plan)
     return plan
@@ -597,7 +606,7 @@ class Sweep:
 def run_sweep(plan: Plan, sweep: Sweep) -> None:
     """The core grid for every (optimizer, batch, seed), then grid extensions while the best lr of a
     (optimizer, batch) sits at an edge of what was run."""
-    seeds = range(plan.seeds)
+    seeds = range(plan.first_seed, plan.first_seed + plan.seeds)
     sweep.log(
         f"core grid: {len(plan.optimizers)} optimizers x {len(plan.batches)} batches x "
         f"{len(plan.core)} lrs x {plan.seeds} seeds"
@@ -668,9 +677,6 @@ def run_multirank(
             mine = sweep.results.get(spec)
             if mine is None or mine.steps is None:
                 continue
-            if time.monotonic() > sweep.deadline + 120:
-                log("  multi-rank check skipped: over budget")
-                return out
             run_dir = work_dir / f"cli_{s.optimizer}_B{p.batch}"
             what = f"{s.optimizer} B={p.batch} lr={spec.lr:.3g}"
             old = load_cli_point(spec, mine.steps, plan.nproc, str(run_dir)) if reuse else None
@@ -678,6 +684,9 @@ def run_multirank(
                 log(f"  multi-rank: {what}, reused from {run_dir}")
                 out.append(old)
                 continue
+            if time.monotonic() > sweep.deadline + 120:
+                log("  multi-rank check skipped: over budget")
+                return out
             log(f"  multi-rank: {what}, {mine.steps} steps, {plan.nproc} ranks")
             out.append(run_cli_point(spec, mine.steps, plan.nproc, str(run_dir)))
     return out
