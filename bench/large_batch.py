@@ -759,7 +759,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         machine=machine,
         noise_batches=plan.noise_batches,
         notes=plan.notes,
-        about="" if args.task_override else PRESETS[plan.task].about,
+        about="" if args.task_override else PRESETS[args.task].about,
     )
     extra = network_sections(plan, sweep.results.values(), summaries) if plan.preset != "quadratic" else []
     text = markdown(inp, summaries, cli, inproc, png.name, kept_notes(out), extra)
