@@ -184,7 +184,7 @@ def planner_summary(summaries: Sequence[OptimizerSummary]) -> list[str]:
     """One line per optimizer: the geometric mean and the range of predicted/measured over batches."""
     out = []
     for s in summaries:
-        ratios = [float(r[5]) for r in planner_rows(s) if r[5] != "—"]
+        ratios = [float(str(r[5])) for r in planner_rows(s) if r[5] != "—"]
         if len(ratios) < 2:
             continue
         gm = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
