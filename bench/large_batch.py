@@ -2,6 +2,7 @@
 
     python -m bench.large_batch [--task synthetic|digits|stdlib_lm] [--optimizers sgd,momentum,...]
         [--batches 32,64,...,4096] [--seeds 5] [--budget-minutes 30] [--target LOSS]
+    python -m bench.large_batch --preset lm|cnn     (networks: see bench/large_batch_network.py)
 
 For every optimizer and global batch B it trains with a small lr grid around the scale rule's lr
 (linear for the SGD family and LARS, square root for the Adam family and Shampoo, from a hand-tuned
@@ -29,7 +30,16 @@ from pathlib import Path
 
 from bench.large_batch_analysis import OptimizerSummary, factor_key, summarize, window_factors
 from bench.large_batch_fit import edge_extension, grid_factors, seed_stats
-from bench.large_batch_run import CliResult, RunResult, RunSpec, micro_for, run_cli_point, run_point
+from bench.large_batch_network import NETWORK_PRESETS, network_sections
+from bench.large_batch_run import (
+    CliResult,
+    RunResult,
+    RunSpec,
+    load_cli_point,
+    micro_for,
+    run_cli_point,
+    run_point,
+)
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -70,6 +80,17 @@ class TaskPreset:
     """Base lr at ``reference_batch`` per optimizer (a coarse hand search at that batch)."""
     eval_samples: int = 4096
     about: str = ""
+    task_name: str = ""
+    """``task.name`` of the runs (empty: the preset's key)."""
+    metric: str = "loss"
+    """What the target bounds: ``loss`` (held-out loss) or ``error`` (1 - held-out accuracy)."""
+    warmup_rule: str = "fixed"
+    """``fixed``: ``--warmup-steps`` at every batch; ``sqrt``: ``--warmup-steps`` x sqrt(B / reference_batch)."""
+    probe: bool = False
+    """Log the trainer's online B_simple (``tracking.noise_scale``) at every batch: micro-batch <= B / 2, so
+    one rank always accumulates >= 2 micro-batches (:mod:`dist_opt.noise_probe`)."""
+    defaults: tuple[tuple[str, object], ...] = ()
+    """Command-line defaults of this preset (``(dest, value)``; options given explicitly win)."""
 
 
 PRESETS: dict[str, TaskPreset] = {
@@ -139,6 +160,8 @@ PRESETS: dict[str, TaskPreset] = {
     ),
 }
 
+PRESETS.update({k: TaskPreset(**v) for k, v in NETWORK_PRESETS.items()})
+
 DEFAULT_OPTIMIZERS = "sgd,momentum,adamw,lars,lamb,shampoo"
 
 
@@ -177,7 +200,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--task", choices=sorted(PRESETS), default="synthetic", help="built-in task (default synthetic)"
+        "--task",
+        choices=sorted(k for k in PRESETS if k not in NETWORK_PRESETS),
+        default="synthetic",
+        help="built-in task (default synthetic)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=["quadratic", *NETWORK_PRESETS],
+        default="quadratic",
+        help="quadratic (default: --task decides), lm (byte-level GPT, AdamW vs LAMB) or cnn (ResNet with "
+        "BatchNorm on digits, momentum vs LARS vs LAMB)",
     )
     p.add_argument(
         "--task-override",
@@ -193,6 +226,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--batches", type=_int_list, default=None, help="global batch sizes (default: the task preset)"
     )
     p.add_argument("--seeds", type=int, default=5, help="seeds per lr (default 5)")
+    p.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds are FIRST..FIRST+SEEDS-1 (default 0; to split a sweep)",
+    )
     p.add_argument("--target", type=float, default=None, help="target eval loss (default: the task preset)")
     p.add_argument(
         "--budget-minutes",
@@ -259,7 +298,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument("--work-dir", default="runs/large_batch", help="run cache and CLI run directories")
     p.add_argument("--reuse", action="store_true", help="reuse runs cached in WORK_DIR/runs.jsonl")
-    return p.parse_args(list(argv))
+    args = p.parse_args(list(argv))
+    args.from_preset = set()
+    if args.preset != "quadratic":
+        args.task = args.preset
+        for dest, value in PRESETS[args.preset].defaults:
+            if getattr(args, dest) == p.get_default(dest):
+                setattr(args, dest, value)
+                args.from_preset.add(dest)
+    return args
 
 
 @dataclass
@@ -286,6 +333,17 @@ class Plan:
     multirank_optimizers: list[str]
     nproc: int
     notes: list[str] = field(default_factory=list)
+    metric: str = "loss"
+    warmup_rule: str = "fixed"
+    probe: bool = False
+    preset: str = "quadratic"
+    first_seed: int = 0
+
+    def warmup(self, batch: int) -> int:
+        """Warmup steps at ``batch`` (the ``sqrt`` rule grows them with the lr of the sqrt/linear rules)."""
+        if self.warmup_rule == "sqrt":
+            return round(self.warmup_steps * math.sqrt(batch / self.reference_batch))
+        return self.warmup_steps
 
     def spec(self, opt: str, batch: int, factor: float, seed: int) -> RunSpec:
         o = self.optimizers[opt]
@@ -299,12 +357,15 @@ class Plan:
             seed=seed,
             target=self.target,
             max_steps=self.max_steps,
-            micro_batch=self.micro_batch,
-            warmup_steps=self.warmup_steps,
+            micro_batch=min(self.micro_batch, max(1, batch // 2)) if self.probe else self.micro_batch,
+            warmup_steps=self.warmup(batch),
             lr_factor=factor,
             eval_samples=self.eval_samples,
-            overrides=self.task_overrides + tuple(o["overrides"]),
+            overrides=self.task_overrides
+            + tuple(o["overrides"])
+            + (("tracking.noise_scale=true",) if self.probe else ()),
             noise_batches=self.noise_batches,
+            metric=self.metric,
         )
 
 
@@ -314,7 +375,7 @@ class BadInput(ValueError):
 
 def make_plan(args: argparse.Namespace) -> Plan:
     """Validate the arguments against the preset and dist-opt's config schema (BadInput: one line)."""
-    preset = PRESETS[args.task]
+    preset = PRESETS[args.preset if args.preset != "quadratic" else args.task]
     task_over = tuple(args.task_override) if args.task_override is not None else preset.overrides
     for o in task_over:
         if not o.startswith("task.") or "=" not in o:
@@ -345,6 +406,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     batches = sorted(set(args.batches or preset.batches))
     for name, val, lo in (
         ("--seeds", args.seeds, 1),
+        ("--first-seed", args.first_seed, 0),
         ("--grid-points", args.grid_points, 1),
         ("--max-extend", args.max_extend, 0),
         ("--window", args.window, 0),
@@ -384,6 +446,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
             multirank = _int_list(mr)
         except argparse.ArgumentTypeError as e:
             raise BadInput(f"--multirank-batches: {e}") from None
+        if "multirank_batches" in args.from_preset:  # the preset's point, where --batches keeps it
+            multirank = [b for b in multirank if b in batches] or [batches[0]]
         if set(multirank) - set(batches):
             raise BadInput(f"--multirank-batches: {sorted(set(multirank) - set(batches))} not in --batches")
     mro = args.multirank_optimizers.strip()
@@ -393,7 +457,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             f"--multirank-optimizers: {sorted(set(mr_opts) - set(optimizers))} not in --optimizers"
         )
     plan = Plan(
-        task=args.task,
+        task=preset.task_name or args.task,
         task_overrides=task_over,
         target=args.target if args.target is not None else preset.target,
         batches=batches,
@@ -412,6 +476,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
         multirank_batches=multirank,
         multirank_optimizers=mr_opts,
         nproc=args.nproc,
+        metric=preset.metric,
+        warmup_rule=preset.warmup_rule,
+        probe=preset.probe,
+        preset=args.preset,
+        first_seed=args.first_seed,
     )
     _check_configs(plan)
     return plan
@@ -428,7 +497,7 @@ def _check_configs(plan: Plan) -> None:
         for opt in plan.optimizers:
             spec = plan.spec(opt, b, 1.0, 0)
             try:
-                cfg = load_config(None, spec.config_overrides("unused", micro_for(b, plan.micro_batch)))
+                cfg = load_config(None, spec.config_overrides("unused", micro_for(b, spec.micro_batch)))
             except ConfigError as e:
                 raise BadInput(str(e).splitlines()[0]) from None
         if size is None:
@@ -537,18 +606,18 @@ class Sweep:
 def run_sweep(plan: Plan, sweep: Sweep) -> None:
     """The core grid for every (optimizer, batch, seed), then grid extensions while the best lr of a
     (optimizer, batch) sits at an edge of what was run."""
-    seeds = range(plan.seeds)
+    seeds = range(plan.first_seed, plan.first_seed + plan.seeds)
     sweep.log(
         f"core grid: {len(plan.optimizers)} optimizers x {len(plan.batches)} batches x "
         f"{len(plan.core)} lrs x {plan.seeds} seeds"
     )
-    sweep.run(
+    sweep.run(  # seed-major: a sweep cut short by its budget lacks seeds, not whole batches
         [
             plan.spec(o, b, f, s)
+            for s in seeds
             for b in plan.batches
             for o in plan.optimizers
             for f in plan.core
-            for s in seeds
         ]
     )
     for round_ in range(plan.max_extend):
@@ -588,9 +657,15 @@ def run_sweep(plan: Plan, sweep: Sweep) -> None:
 
 
 def run_multirank(
-    plan: Plan, summaries: list[OptimizerSummary], sweep: Sweep, work_dir: Path, log: Callable[[str], None]
+    plan: Plan,
+    summaries: list[OptimizerSummary],
+    sweep: Sweep,
+    work_dir: Path,
+    log: Callable[[str], None],
+    reuse: bool = False,
 ) -> list[CliResult]:
-    """Re-run seed 0 at the best lr of the chosen batches through ``python -m dist_opt.train``."""
+    """Re-run seed 0 at the best lr of the chosen batches through ``python -m dist_opt.train`` (with
+    ``reuse``: take an earlier run of the same point from its directory instead)."""
     out = []
     for s in summaries:
         if s.optimizer not in plan.multirank_optimizers:
@@ -602,11 +677,16 @@ def run_multirank(
             mine = sweep.results.get(spec)
             if mine is None or mine.steps is None:
                 continue
+            run_dir = work_dir / f"cli_{s.optimizer}_B{p.batch}"
+            what = f"{s.optimizer} B={p.batch} lr={spec.lr:.3g}"
+            old = load_cli_point(spec, mine.steps, plan.nproc, str(run_dir)) if reuse else None
+            if old is not None:
+                log(f"  multi-rank: {what}, reused from {run_dir}")
+                out.append(old)
+                continue
             if time.monotonic() > sweep.deadline + 120:
                 log("  multi-rank check skipped: over budget")
                 return out
-            run_dir = work_dir / f"cli_{s.optimizer}_B{p.batch}"
-            what = f"{s.optimizer} B={p.batch} lr={spec.lr:.3g}"
             log(f"  multi-rank: {what}, {mine.steps} steps, {plan.nproc} ranks")
             out.append(run_cli_point(spec, mine.steps, plan.nproc, str(run_dir)))
     return out
@@ -638,7 +718,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, old_handler)
     summaries = summarize(sweep.results.values(), plan.core, plan.spacing, plan.window)
-    cli = run_multirank(plan, summaries, sweep, work, log) if plan.multirank_batches else []
+    cli = run_multirank(plan, summaries, sweep, work, log, args.reuse) if plan.multirank_batches else []
     wall = time.monotonic() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -679,9 +759,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         machine=machine,
         noise_batches=plan.noise_batches,
         notes=plan.notes,
-        about="" if args.task_override else PRESETS[plan.task].about,
+        about="" if args.task_override else PRESETS[args.task].about,
     )
-    text = markdown(inp, summaries, cli, inproc, png.name, kept_notes(out))
+    extra = network_sections(plan, sweep.results.values(), summaries) if plan.preset != "quadratic" else []
+    text = markdown(inp, summaries, cli, inproc, png.name, kept_notes(out), extra)
     out.write_text(text, encoding="utf-8")
     log(f"wrote {out} and {png} ({len(sweep.results)} runs, {wall / 60:.1f} min)")
     for s in summaries:

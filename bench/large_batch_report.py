@@ -241,7 +241,7 @@ def cli_table(cli: Sequence[CliResult], inproc: dict[tuple[str, int, float, int]
                 f"{c.steps_on_schedule or '✗'} {match}",
                 mine if mine is not None else "✗",
                 _fmt(c.b_simple),
-                f"{c.wall_s:.0f}s",
+                f"{c.wall_s:.0f}s" if math.isfinite(c.wall_s) else "(reused)",
             ]
         )
     return _table(header, rows)
@@ -349,6 +349,7 @@ def markdown(
     inproc_steps: dict[tuple[str, int, float, int], int | None],
     plot_name: str,
     keep_notes: str = "",
+    extra: Sequence[str] = (),
 ) -> str:
     """The whole report (the text after :data:`NOTES_MARKER` in ``keep_notes`` is appended verbatim)."""
     opts = ", ".join(
@@ -434,7 +435,7 @@ def markdown(
     ]
     if cli:
         lines += ["## Multi-rank check (real CLI, 2 ranks)", "", *cli_table(cli, inproc_steps), ""]
-    lines += [NOTES_MARKER, keep_notes.rstrip() + "\n" if keep_notes.strip() else ""]
+    lines += [*extra, NOTES_MARKER, keep_notes.rstrip() + "\n" if keep_notes.strip() else ""]
     return "\n".join(lines)
 
 

@@ -63,7 +63,10 @@ class RunSpec:
     overrides: tuple[str, ...] = ()
     """Extra ``dotted.key=value`` config overrides (task shape, optimizer hyper-parameters)."""
     noise_batches: tuple[int, int, int] | None = (64, 1024, 16)
-    """(b_small, b_big, draws) of the B_simple measurement at the target (None: skip)."""
+    """(b_small, b_big, draws) of the B_simple measurement at the target (None: skip; the trainer's
+    own ``noise/b_simple``, logged during the run with ``tracking.noise_scale=true``, is kept instead)."""
+    metric: str = "loss"
+    """What ``target`` bounds: ``loss`` (held-out loss) or ``error`` (1 - held-out accuracy)."""
 
     @property
     def lr(self) -> float:
@@ -76,9 +79,13 @@ class RunSpec:
         return self.base_lr
 
     def config_overrides(self, out_dir: str, micro_batch: int) -> list[str]:
+        """The run's ``dotted.key=value`` overrides. ``tracking.noise_scale=true`` among ``overrides`` asks
+        for the trainer's own B_simple, which a world of one measures from its micro-batches."""
+        probe = ["tracking.noise_scale_micro=true"] if "tracking.noise_scale=true" in self.overrides else []
         return [
             f"task.name={self.task}",
             *self.overrides,
+            *probe,
             f"run.seed={self.seed}",
             f"run.out_dir={out_dir}",
             f"data.global_batch={self.batch}",
@@ -115,7 +122,9 @@ class RunResult:
     trace_sigma: float | None = None
     g2: float | None = None
     curve: list[tuple[int, float]] = field(default_factory=list)
-    """(step, eval loss) at every evaluation."""
+    """(step, eval loss or error: ``spec.metric``) at every evaluation."""
+    b_simple_online: list[tuple[int, float]] = field(default_factory=list)
+    """(step, the trainer's ``noise/b_simple``) at every evaluation (empty unless the run logs it)."""
 
     @property
     def examples(self) -> int | None:
@@ -134,6 +143,7 @@ class RunResult:
             spec["noise_batches"] = tuple(spec["noise_batches"])
         rest = {k: v for k, v in d.items() if k != "spec"}
         rest["curve"] = [tuple(x) for x in rest.get("curve", [])]
+        rest["b_simple_online"] = [tuple(x) for x in rest.get("b_simple_online", [])]
         return cls(spec=RunSpec(**spec), **rest)
 
 
@@ -174,19 +184,22 @@ def run_point(spec: RunSpec, scratch: str | None = None) -> RunResult:
     micro = micro_for(spec.batch, spec.micro_batch)
     cfg = load_config(None, spec.config_overrides(os.path.join(out_dir, "unused"), micro))
     tr = Trainer(cfg, torch.device("cpu"))
-    evaluate = FixedEval(tr.task, min(spec.eval_samples, tr.task.eval_size))
+    evaluate = FixedEval(tr.task, min(spec.eval_samples, tr.task.eval_size), metric=spec.metric)
     initial = evaluate(tr.model)
     curve: list[tuple[int, float]] = [(0, initial)]
+    online: list[tuple[int, float]] = []
     status, loss = BUDGET, initial
     if initial <= spec.target:
         status = REACHED
     while status == BUDGET and tr.step < spec.max_steps:
         try:
-            tr.train_step()
+            metrics = tr.train_step()
         except NonFiniteStorm:
             status = DIVERGED
             break
         if eval_due(tr.step) or tr.step == spec.max_steps:
+            if metrics.get("noise/b_simple") is not None:
+                online.append((tr.step, float(metrics["noise/b_simple"])))
             loss = evaluate(tr.model)
             curve.append((tr.step, loss))
             if not math.isfinite(loss) or loss > spec.diverge_factor * initial:
@@ -204,9 +217,12 @@ def run_point(spec: RunSpec, scratch: str | None = None) -> RunResult:
         final_loss=loss,
         wall_s=0.0,
         curve=curve,
+        b_simple_online=online,
     )
     if status == REACHED and spec.noise_batches is not None:
         res.b_simple, res.trace_sigma, res.g2 = measure_b_simple(tr, *spec.noise_batches)
+    elif status == REACHED and online:
+        res.b_simple = online[-1][1]  # the trainer's EMA at the crossing step
     res.wall_s = time.perf_counter() - t0
     res.cpu_s = time.process_time() - c0
     return res
@@ -218,19 +234,22 @@ class FixedEval:
     evaluation (most of ``Trainer.evaluate``'s cost on the synthetic stream) is skipped. One world, so
     no all-reduce; the result equals ``Trainer.evaluate`` up to float summation order."""
 
-    def __init__(self, task: Any, n: int, chunk: int = 4096) -> None:
+    def __init__(self, task: Any, n: int, chunk: int = 4096, metric: str = "loss") -> None:
         import torch
 
-        self.task = task
+        if metric not in ("loss", "error"):
+            raise ValueError(f"metric={metric!r}: expected 'loss' or 'error'")
+        self.task, self.metric = task, metric
         self.batches = [task.eval_batch(torch.arange(lo, min(lo + chunk, n))) for lo in range(0, n, chunk)]
 
     def __call__(self, model: Any) -> float:
-        loss, count = 0.0, 0.0
+        loss, count, correct = 0.0, 0.0, 0.0
         for b in self.batches:
             out = self.task.eval_sums(model, b)
             loss += out["loss_sum"]
             count += out["count"]
-        return loss / count
+            correct += out.get("correct", math.nan)
+        return loss / count if self.metric == "loss" else 1.0 - correct / count
 
 
 def measure_b_simple(trainer: Any, b_small: int, b_big: int, draws: int) -> tuple[float, float, float]:
@@ -328,6 +347,31 @@ def run_cli_point(spec: RunSpec, steps: int, nproc: int, out_dir: str, timeout_s
         check=False,
     )
     wall = time.perf_counter() - t0
+    (Path(out_dir) / "cli.json").write_text(
+        json.dumps({"returncode": proc.returncode, "wall_s": wall, "steps": steps}), encoding="utf-8"
+    )
+    return _cli_result(spec, nproc, micro, out_dir, proc.returncode, wall, proc.stderr)
+
+
+def load_cli_point(spec: RunSpec, steps: int, nproc: int, out_dir: str) -> CliResult | None:
+    """The result of an earlier :func:`run_cli_point` in ``out_dir`` for the same step count (None if
+    there is none). Without its ``cli.json`` (older runs), a ``metrics.jsonl`` that logged an evaluation
+    at ``steps`` counts as a finished run of unknown wall time."""
+    d = Path(out_dir)
+    micro = micro_for(spec.batch, spec.micro_batch, nproc)
+    if (d / "cli.json").exists():
+        info = json.loads((d / "cli.json").read_text(encoding="utf-8"))
+        if info.get("steps") != steps:
+            return None
+        return _cli_result(spec, nproc, micro, out_dir, int(info["returncode"]), float(info["wall_s"]), "")
+    res = _cli_result(spec, nproc, micro, out_dir, 0, math.nan, "")
+    return res if steps in res.eval_at else None
+
+
+def _cli_result(
+    spec: RunSpec, nproc: int, micro: int, out_dir: str, returncode: int, wall: float, stderr: str
+) -> CliResult:
+    """Steps to target and the trainer's ``noise/b_simple`` read back from ``out_dir/metrics.jsonl``."""
     evals: dict[int, float] = {}
     b_simple: dict[int, float] = {}
     metrics = Path(out_dir) / "metrics.jsonl"
@@ -337,8 +381,10 @@ def run_cli_point(spec: RunSpec, steps: int, nproc: int, out_dir: str, timeout_s
             step = rec.get("step")
             if step is None:
                 continue
-            if "eval/loss" in rec:
-                evals[int(step)] = float(rec["eval/loss"])
+            key = "eval/loss" if spec.metric == "loss" else "eval/accuracy"
+            if key in rec:
+                v = float(rec[key])
+                evals[int(step)] = v if spec.metric == "loss" else 1.0 - v
             if rec.get("noise/b_simple") is not None:
                 b_simple[int(step)] = float(rec["noise/b_simple"])
     ordered = sorted(evals.items())
@@ -349,11 +395,11 @@ def run_cli_point(spec: RunSpec, steps: int, nproc: int, out_dir: str, timeout_s
         spec=spec,
         nproc=nproc,
         micro=micro,
-        returncode=proc.returncode,
+        returncode=returncode,
         steps=crossing,
         steps_on_schedule=on_schedule,
         eval_at=evals,
         b_simple=b_simple.get(crossing) if crossing is not None else None,
         wall_s=wall,
-        stderr_tail=proc.stderr[-2000:] if proc.returncode else "",
+        stderr_tail=stderr[-2000:] if returncode else "",
     )

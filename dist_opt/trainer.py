@@ -29,6 +29,7 @@ from dist_opt.data.sampler import GlobalBatchSampler
 from dist_opt.engine.buffers import BufferSync, convert_sync_batchnorm
 from dist_opt.engine.precision import autocast, cast_params
 from dist_opt.evaluation import evaluate
+from dist_opt.noise_probe import micro_probe, noise_metrics
 from dist_opt.outcome import EXIT_FAIL, EXIT_OK, NonFiniteStorm, StopRun, Summary
 
 if TYPE_CHECKING:
@@ -101,7 +102,8 @@ class Trainer:
         )
         self.schedule = build_schedule(cfg, self.opt, spe, self.total_steps)
         self.buffer_sync = BufferSync(self.model) if cfg.model.broadcast_buffers and self.world > 1 else None
-        self.noise = NoiseScale(cfg.tracking.noise_scale_ema) if track else None
+        self.probe = micro_probe(cfg, self.model, self.world, self.accum)  # B_simple on one rank
+        self.noise = NoiseScale(cfg.tracking.noise_scale_ema) if track or self.probe else None
         self.step = 0  # optimizer steps done (applied or skipped)
         self.samples = 0
         self.consecutive_skips = 0
@@ -299,6 +301,8 @@ class Trainer:
                 with autocast(self.cfg.precision, self.device):
                     loss = self.task.loss(self.model, batch)
                 (loss * scale if scale != 1.0 else loss).backward()
+            if self.probe is not None:
+                self.probe.after_micro_step()
             loss_acc += loss.detach().double()
         t1 = time.perf_counter()
         lr = self.opt.param_groups[0]["lr"]
@@ -353,12 +357,7 @@ class Trainer:
         for k in ("clip_coef", "loss_scale"):  # loss_scale: precision.compute fp16
             if k in st:
                 metrics[k] = st[k]
-        if self.noise is not None and "local_grad_sq" in st and applied:
-            b_small = self.micro * st["local_micro_steps"]
-            if b_small < gb:
-                self.noise.update(st["local_grad_sq"], st["global_grad_sq"], b_small, gb)
-                if self.noise.b_simple is not None:
-                    metrics["noise/b_simple"] = self.noise.b_simple
+        metrics.update(noise_metrics(self.noise, st, self.probe, self.micro, gb, applied))
         return metrics
 
     # -- evaluation and the end of the run --------------------------------------------------------

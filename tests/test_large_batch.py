@@ -296,3 +296,55 @@ def test_run_spec_round_trips_through_json():
     assert spec.lr == pytest.approx(0.01 * math.sqrt(2))
     r = RunResult(spec, "reached", 12, 12, 1.0, 0.29, 0.1, b_simple=3.0, curve=[(0, 1.0), (12, 0.29)])
     assert RunResult.from_json(json.loads(json.dumps(r.to_json()))) == r
+
+
+# -- the network presets (--preset lm / cnn) ------------------------------------------------------
+def test_network_presets_resolve_to_probed_runs():
+    from bench.large_batch import make_plan, parse_args
+
+    lm = make_plan(parse_args(["--preset", "lm", "--batches", "16,512"]))
+    assert lm.task == "stdlib_lm" and lm.metric == "loss" and list(lm.optimizers) == ["adamw", "lamb"]
+    assert lm.optimizers["lamb"]["scale_rule"] == "sqrt" and lm.seeds == 2
+    big = lm.spec("adamw", 512, 1.0, 0)
+    assert (
+        big.warmup_steps == round(2 * math.sqrt(512 / 16)) and lm.spec("adamw", 16, 1.0, 0).warmup_steps == 2
+    )
+    assert big.micro_batch <= 512 // 2 and lm.spec("adamw", 16, 1.0, 0).micro_batch == 8  # >= 2 micro-steps
+    over = big.config_overrides("unused", big.micro_batch)
+    assert "tracking.noise_scale=true" in over and "tracking.noise_scale_micro=true" in over
+    cnn = make_plan(parse_args(["--preset", "cnn", "--seeds", "3", "--batches", "16,512"]))
+    assert cnn.task == "bench.large_batch_cnn:make_task" and cnn.metric == "error" and cnn.seeds == 3
+    assert cnn.optimizers["lars"]["scale_rule"] == "linear" and cnn.spec("lars", 16, 1.0, 0).metric == "error"
+    quad = make_plan(parse_args([]))  # the default stays the noisy quadratic, without the probe
+    assert quad.task == "synthetic" and not quad.probe and quad.spec("sgd", 32, 1.0, 0).metric == "loss"
+
+
+def test_cnn_point_logs_error_and_online_b_simple(world_one):
+    import dataclasses
+
+    from bench.large_batch import make_plan, parse_args
+    from bench.large_batch_run import run_point
+
+    plan = make_plan(parse_args(["--preset", "cnn", "--batches", "16,32"]))
+    spec = dataclasses.replace(plan.spec("momentum", 32, 1.0, 0), max_steps=3, target=0.0)
+    r = run_point(spec)
+    assert r.status == "budget" and r.steps_run == 3 and spec.micro_batch == 16
+    assert all(0.0 <= v <= 1.0 for _, v in r.curve)  # held-out error, not loss
+    assert [s for s, _ in r.b_simple_online] == [1, 2, 3]
+    assert all(math.isfinite(v) for _, v in r.b_simple_online)
+
+
+def test_planner_rows_use_relative_steps_from_the_smallest_batch():
+    from bench.large_batch_network import planner_rows
+
+    def run(batch, steps, b_simple):
+        spec = RunSpec(
+            task="t", optimizer="adamw", batch=batch, base_lr=1.0, scale_rule="sqrt", reference_batch=16,
+            seed=0, target=1.0, max_steps=1000, noise_batches=None,
+        )  # fmt: skip
+        return RunResult(spec, "reached", steps, steps, 5.0, 1.0, 0.0, b_simple=b_simple)
+
+    (s,) = summarize([run(16, 100, 32.0), run(64, 40, 50.0)], [1.0])
+    rows = planner_rows(s)
+    # S(64) = 100 * (1 + 32/64) / (1 + 32/16) = 50 predicted vs 40 measured
+    assert [r[1] for r in rows] == [16, 64] and rows[1][3] == "50" and rows[1][5] == "1.25"

@@ -139,3 +139,77 @@ def test_state_dict_roundtrip():
     assert (a.b_simple, a.trace_sigma, a.g2, a.updates) == (b.b_simple, b.trace_sigma, b.g2, b.updates)
     with pytest.raises(KeyError, match="missing"):
         NoiseScale(0.8).load_state_dict({"trace": 1.0})
+
+
+# -- one rank: micro-batches of gradient accumulation as the small batch (dist_opt/noise_probe.py) --
+def test_micro_batch_probe_hand_computed():
+    import torch
+
+    from dist_opt.noise_probe import MicroBatchProbe, noise_metrics
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    probe = MicroBatchProbe(model)
+    # micro-step k's loss is <w, a_k>, so its gradient is exactly a_k; autograd accumulates into w.grad
+    for a in ([3.0, 0.0], [1.0, 2.0]):
+        (model.weight * torch.tensor([a])).sum().backward()
+        probe.after_micro_step()
+    # mean_k |a_k|^2 = (9 + 5) / 2 = 7; |mean_k a_k|^2 = |(2, 1)|^2 = 5
+    assert probe.take() == pytest.approx((7.0, 5.0))
+    assert probe.take() is None  # reset after take
+    model.weight.grad = None  # the optimizer's zero_grad between steps
+    for a in ([3.0, 0.0], [1.0, 2.0]):
+        (model.weight * torch.tensor([a])).sum().backward()
+        probe.after_micro_step()
+    ns = NoiseScale(ema=0.0)
+    # micro-batch 4, global batch 8: tr = (7 - 5) / (1/4 - 1/8) = 16; |G|^2 = (8*5 - 4*7) / 4 = 3
+    out = noise_metrics(ns, {}, probe, micro=4, global_batch=8, applied=True)
+    assert out == {"noise/b_simple": pytest.approx(16.0 / 3.0)}
+    assert (ns.trace_sigma, ns.g2) == pytest.approx((16.0, 3.0))
+
+
+@pytest.fixture
+def world_one():
+    from dist_opt.dist.env import detect
+    from dist_opt.dist.group import destroy_process_group, init_process_group
+
+    init_process_group(detect({}), "gloo", 60)
+    yield
+    destroy_process_group()
+
+
+def test_world_one_accumulation_logs_b_simple_of_the_micro_batches(world_one, tmp_path):
+    import itertools
+
+    import torch
+
+    from dist_opt.config import load_config
+    from dist_opt.train import Trainer
+
+    over = [
+        "task.name=synthetic",
+        "task.kind=regression",
+        "task.dim=8",
+        "data.global_batch=32",
+        "data.micro_batch=8",
+        "train.steps=3",
+        "train.progress=false",
+        "tracking.wandb.mode=disabled",
+        f"run.out_dir={tmp_path}",
+    ]
+    # off by default (tracking.noise_scale alone is the multi-rank estimate)
+    assert "noise/b_simple" not in Trainer(load_config(None, over), torch.device("cpu")).train_step()
+    tr = Trainer(load_config(None, [*over, "tracking.noise_scale_micro=true"]), torch.device("cpu"))
+    assert tr.accum == 4
+    # reference: the gradient of each of step 1's four micro-batches, computed directly
+    params = [p for p in tr.model.parameters() if p.requires_grad]
+    micro = []
+    for batch in itertools.islice(tr.task.train_batches(tr._index_batches(0)), tr.accum):
+        g = torch.autograd.grad(tr.task.loss(tr.model, batch), params)
+        micro.append(torch.cat([x.reshape(-1) for x in g]).double())
+    local = sum(float(g.square().sum()) for g in micro) / 4
+    big = float((sum(micro) / 4).square().sum())
+    trace, g2 = NoiseScale.estimates(local, big, 8, 32)
+    m = tr.train_step()
+    assert m["noise/b_simple"] == pytest.approx(trace / g2, rel=1e-6)  # bias-corrected EMA: step 1's value
+    for _ in range(2):
+        assert math.isfinite(tr.train_step()["noise/b_simple"])

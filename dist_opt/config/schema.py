@@ -274,6 +274,8 @@ class TrackingConfig(Section):
     """Estimate the gradient noise scale B_simple (McCandlish et al. 2018) when world size > 1."""
     noise_scale_ema: Annotated[float, Field(ge=0, lt=1)] = 0.95
     """EMA factor of the B_simple numerator and denominator."""
+    noise_scale_micro: bool = False
+    """World size 1 with gradient accumulation: estimate B_simple from the micro-batches instead (one extra gradient copy per micro-step; native engine, ZeRO stage 0/1)."""
 
 
 class DeepSpeedConfig(Section):
