@@ -82,6 +82,7 @@ MODULE_COST_S = {
     "test_readme": 12,
     "test_plan": 12,
     "test_param_gather": 10,
+    "test_overlap_trainer": 6,
     "test_peers": 8,
     "test_tracking": 8,
     "test_engine_state_codec": 3,

@@ -208,6 +208,8 @@ class DistributedConfig(Section):
     """0 all-reduce + replicated state; 1 all-reduce + sharded state; 2 reduce-scatter + sharded state."""
     bucket_mb: PosFloat = 25.0
     """Gradient communication bucket size in MB (overlapped with backward)."""
+    overlap_param_gather: bool = False
+    """native engine, zero_stage 1/2: the parameter all-gather after each step returns at once and the next forward waits per bucket, only for the parameters of the module about to run (results are bitwise the same)."""
     engine: Literal["native", "deepspeed", "fsdp2"] = "native"
     """Training engine: dist-opt's own, DeepSpeed, or PyTorch FSDP2."""
 

@@ -27,7 +27,7 @@ def build_optimizer(
     model: nn.Module, cfg: Config, lr: float, track_local_grad_norm: bool = False
 ) -> ShardedOptimizer:
     o = cfg.optimizer
-    return ShardedOptimizer(
+    opt = ShardedOptimizer(
         model.named_parameters(),
         o.name,
         lr=lr,
@@ -41,8 +41,13 @@ def build_optimizer(
         track_local_grad_norm=track_local_grad_norm,
         reduce_dtype=DTYPES[cfg.precision.reduce],
         loss_scale=loss_scaler(cfg.precision),
+        overlap_param_gather=cfg.distributed.overlap_param_gather,
         **rule_hyper(o),
     )
+    if cfg.distributed.overlap_param_gather:
+        # whoever reads the model's state (checkpoints, final weights) sees the finished gather
+        model.register_state_dict_pre_hook(lambda *_: opt.wait_params())  # type: ignore[no-untyped-call]
+    return opt
 
 
 def build_engine(

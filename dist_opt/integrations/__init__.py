@@ -59,6 +59,10 @@ def _features(cfg: Config) -> list[str]:
         problems.append(
             f"swa.enabled: SWA averages the native engine's parameter shards; not available with {where}"
         )
+    if cfg.distributed.overlap_param_gather:
+        problems.append(
+            f"distributed.overlap_param_gather: a native-engine feature; not available with {where}"
+        )
     return problems
 
 
