@@ -232,9 +232,9 @@ class LRSchedule:
 
 
 def _shadow_optimizer(bases: list[float]) -> torch.optim.Optimizer:
-    groups = [{"params": [torch.zeros(1, requires_grad=True)], "lr": b} for b in bases]
-    shadow = torch.optim.SGD(groups, lr=bases[0])
-    return shadow
+    from dist_opt.optim.light import ShadowOptimizer
+
+    return ShadowOptimizer(bases)
 
 
 def _main_scheduler(

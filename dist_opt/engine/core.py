@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from dist_opt.dist.collectives import Comm
 from dist_opt.engine.state_api import ShardStateAPI
 from dist_opt.optim.base import GroupShard, Rule, StepContext
+from dist_opt.optim.light import LightOptimizer
 from dist_opt.optim.registry import group_key
 from dist_opt.optim.spec import DEFAULT_EXCLUDE
 
@@ -116,7 +117,7 @@ def optimizer_defaults(rule: Rule, lr: float, options: GroupOptions) -> dict[str
     return {"lr": lr, "weight_decay": options.weight_decay, **rule.group_hyper()}
 
 
-class PieceOptimizer(ShardStateAPI, torch.optim.Optimizer):
+class PieceOptimizer(ShardStateAPI, LightOptimizer):
     """A rule over this rank's pieces of parameters whose gradients are already averaged.
 
     Class attributes a subclass may change: ``partial`` (pieces are parts of layers, so norms need

@@ -23,11 +23,12 @@ from dist_opt.engine.core import GroupOptions, PieceOptimizer, build_param_group
 from dist_opt.engine.partition import make_layout
 from dist_opt.engine.state_codec import ShardSpec, all_gather_pieces, layout_specs
 from dist_opt.optim.base import GroupShard, Rule, local_context
+from dist_opt.optim.light import LightOptimizer
 
 __all__ = ["ChunkedOptimizer", "LocalRuleOptimizer", "PieceOptimizer"]
 
 
-class LocalRuleOptimizer(torch.optim.Optimizer):
+class LocalRuleOptimizer(LightOptimizer):
     """An elementwise rule over the tensors in ``param_groups``, state in ``self.state[p]``.
 
     This is the client optimizer for DeepSpeed ZeRO-1/2, which replaces each group's params by

@@ -63,11 +63,15 @@ M = TypeVar("M", bound=nn.Module)
 
 
 def on_meta(build: Callable[[], M]) -> M:
-    """Construct a module without touching the global RNG: build on the meta device, then allocate
-    uninitialised CPU storage. The caller must initialise every parameter and buffer."""
-    with torch.device("meta"):
-        module = build()
-    return module.to_empty(device="cpu")
+    """Construct a module on the CPU without changing the global RNG (its state is saved and restored
+    around ``build``). The caller must initialise every parameter and buffer: the values ``build``
+    leaves are not part of the contract.
+
+    (Building under ``torch.device("meta")`` would skip the default initialisation, but meta-device
+    ``nn.init`` calls import ``torch._dynamo``: more than a second of CPU in every process. The
+    built-in tasks' models are small, so initialising them twice costs less.)"""
+    with torch.random.fork_rng(devices=[]):
+        return build()
 
 
 def _to(obj: Any, device: torch.device) -> Any:
