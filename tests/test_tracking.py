@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -231,6 +232,17 @@ _CRASHING_RUN = textwrap.dedent("""
 """)
 
 
+def _wait_until_settled(path: Path, timeout_s: float = 30.0) -> None:
+    """Until the ``.wandb`` file holds its run record and has stopped growing for half a second."""
+    deadline, last = time.monotonic() + timeout_s, -1
+    while time.monotonic() < deadline:
+        size = path.stat().st_size
+        if size == last and read_wandb_file(path).run_id:
+            return
+        last = size
+        time.sleep(0.5)
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("resume_step", [399, 200], ids=["ckpt_at_kill", "ckpt_before_kill"])
 def test_killed_and_resumed_run_continues_same_wandb_run(wandb_env, tmp_path, resume_step):
@@ -248,6 +260,7 @@ def test_killed_and_resumed_run_continues_same_wandb_run(wandb_env, tmp_path, re
     run_id = proc.stdout.split()[-1]
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(first_steps))
     (old,) = find_wandb_files(run_dir, run_id=run_id)
+    _wait_until_settled(old)  # W&B's service process writes on after the killed process is gone
     persisted = [h["_step"] for h in read_wandb_file(old).history]
     # W&B lost the tail (at least the last row, which a step > 399 or finish() would have committed)
     assert persisted == list(range(len(persisted))) and len(persisted) < first_steps
