@@ -14,6 +14,7 @@ import io
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -238,10 +239,9 @@ def _run_until_statuses_recorded(tmp_path: Path) -> tuple[subprocess.Popen, dict
         line = proc.stderr.readline()
         assert line, "".join(lines)
         lines.append(line)
-        if "recorded exit status" in line:
-            assert "recorded exit status 0" in line, line
-            words = line.split()
-            pids[int(words[words.index("rank") + 1])] = int(line.split("(pid ")[1].split(")")[0])
+        for rank, pid, code in re.findall(r"rank (\d+) \(pid (\d+)\) recorded exit status (-?\d+)", line):
+            assert code == "0", line
+            pids[int(rank)] = int(pid)
     return proc, pids
 
 

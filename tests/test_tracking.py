@@ -285,7 +285,10 @@ def test_killed_and_resumed_run_continues_same_wandb_run(wandb_env, tmp_path, re
     files = find_wandb_files(run_dir, run_id=run_id)
     assert len(files) == 2 and files[0] == old, files
     first, second = (read_wandb_file(f) for f in files)
-    assert first.run_id == second.run_id == run_id
+    # a killed client's W&B service may itself stop before it wrote anything (then the first file
+    # holds no records at all, and everything is replayed from metrics.jsonl)
+    assert second.run_id == run_id and first.run_id in ("", run_id)
+    assert first.run_id or not persisted
     assert first.exit_code is None and second.exit_code == 0  # the first session never finished
     s2 = [h["_step"] for h in second.history]
     # the second session starts right after what the W&B run already holds: lost steps are replayed
